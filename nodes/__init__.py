@@ -1,0 +1,14 @@
+"""What Motion Dials shows to ComfyUI: one extension listing every node of the pack."""
+
+from comfy_api.latest import ComfyExtension, io
+
+from .dymos import DyMoSMotionSlider
+
+
+class MotionDialsExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [DyMoSMotionSlider]
+
+
+async def comfy_entrypoint() -> MotionDialsExtension:
+    return MotionDialsExtension()

@@ -1,0 +1,15 @@
+import pytest
+
+from host import import_host, register_tiny_models  # tests/ is on sys.path through pytest's rootdir conftest
+
+import_host()
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    from host import TINY_MODELS
+
+    if not (TINY_MODELS / "manifest.json").exists():
+        pytest.fail(f"Tiny models missing at {TINY_MODELS}: run `make setup` (or `make test`, which does it).")
+    register_tiny_models()
+    return TINY_MODELS

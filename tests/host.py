@@ -1,0 +1,138 @@
+"""The ComfyUI host, for tests, the demo and the benchmarks: in-process or as a real server.
+
+ComfyUI's top-level modules (``nodes``, ``utils``, ``tests``) share names with
+folders of this repo, so the host goes first on ``sys.path``, the repo root
+comes off it, and the pack is imported as the package ``motion_dials``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+COMFYUI_PATH = Path(os.environ.get("COMFYUI_PATH", REPO / ".host" / "ComfyUI")).resolve()
+TINY_MODELS = Path(os.environ.get("MOTION_DIALS_TINY_MODELS", REPO / ".host" / "tiny_models")).resolve()
+FIXTURE_NODES = REPO / "tests" / "host_fixture"
+PACK_NAME = "motion_dials"
+
+
+def import_host():
+    """Make ComfyUI importable in this process and import the pack as ``motion_dials``."""
+    if not (COMFYUI_PATH / "main.py").exists():
+        raise RuntimeError(f"No ComfyUI at {COMFYUI_PATH}: run `make setup` or set COMFYUI_PATH.")
+    repo_entries = {str(REPO), "", "."}
+    sys.path[:] = [p for p in sys.path if p not in repo_entries and Path(p or ".").resolve() != REPO]
+    if str(COMFYUI_PATH) not in sys.path:
+        sys.path.insert(0, str(COMFYUI_PATH))
+    import comfy.cli_args
+    import torch
+
+    if not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True  # what `main.py --cpu` sets; read when model_management is imported
+    if PACK_NAME not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            PACK_NAME, REPO / "__init__.py", submodule_search_locations=[str(REPO)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACK_NAME] = module
+        spec.loader.exec_module(module)
+    return sys.modules[PACK_NAME]
+
+
+def register_tiny_models():
+    """Point ComfyUI's model folders at the generated tiny models (in this process)."""
+    import folder_paths
+
+    for kind in ("diffusion_models", "vae", "text_encoders", "clip_vision"):
+        folder = TINY_MODELS / kind
+        if folder.is_dir():
+            folder_paths.add_model_folder_path(kind, str(folder), is_default=True)
+
+
+def write_extra_model_paths(directory: Path) -> Path:
+    """An extra_model_paths.yaml that adds the tiny models and the test-fixture node to a server."""
+    config = directory / "extra_model_paths.yaml"
+    config.write_text(
+        "motion_dials_tests:\n"
+        f"    base_path: {TINY_MODELS}\n"
+        "    diffusion_models: diffusion_models\n"
+        "    vae: vae\n"
+        f"    custom_nodes: {FIXTURE_NODES}\n"
+    )
+    return config
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A real ComfyUI server (``main.py --cpu``) on a free loopback port, with this pack loaded."""
+
+    def __init__(self, port: int | None = None, extra_args: tuple[str, ...] = ()):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.extra_args = extra_args
+        self.workdir = Path(tempfile.mkdtemp(prefix="motion-dials-server-"))
+        self.log_path = self.workdir / "server.log"
+        self.process = None
+
+    def start(self, timeout: float = 180.0) -> Server:
+        config = write_extra_model_paths(self.workdir)
+        for sub in ("output", "input", "temp", "user"):
+            (self.workdir / sub).mkdir(exist_ok=True)
+        command = [
+            sys.executable, str(COMFYUI_PATH / "main.py"), "--cpu", "--listen", "127.0.0.1",
+            "--port", str(self.port), "--extra-model-paths-config", str(config),
+            "--output-directory", str(self.workdir / "output"), "--input-directory", str(self.workdir / "input"),
+            "--temp-directory", str(self.workdir / "temp"), "--user-directory", str(self.workdir / "user"),
+            "--disable-auto-launch", *self.extra_args,
+        ]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.log_file = open(self.log_path, "w")
+        self.process = subprocess.Popen(command, cwd=COMFYUI_PATH, stdout=self.log_file, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited early:\n{self.log()}")
+            with contextlib.suppress(OSError):
+                self.get_json("/system_stats")
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"ComfyUI did not answer within {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def get_json(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return json.loads(response.read())
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        if getattr(self, "log_file", None):
+            self.log_file.close()
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
