@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 AttentionFn = Callable[..., torch.Tensor]
+MIN_QUERIES_PER_CALL = 1024
 
 
 @dataclass(frozen=True)
@@ -77,41 +78,41 @@ def grouped_bias_attention(
     skip_output_reshape: bool = False,
     **kwargs,
 ) -> torch.Tensor:
-    """Run ``attend`` (any ComfyUI attention function) once per query group.
+    """Run ``attend`` (any ComfyUI attention function) with each group's key bias on its queries.
 
     q/k/v follow ComfyUI's conventions: ``[B, N, heads*D]``, or ``[B, heads, N, D]``
-    with ``skip_reshape``. The groups must tile all queries. The output has the
-    layout the caller asked for; each group's result is written straight into
-    it, so the peak extra memory is one group's output.
+    with ``skip_reshape``; the output has the layout the caller asked for. The
+    groups must tile all queries.
+
+    Memory stays close to one plain call's: the groups run in calls of at most
+    a sixteenth of the queries, each copied into the output and freed before
+    the next, so the only extra is one such call's output. (Below 1,024 queries
+    a call, PyTorch's CPU flash kernel slows down, so calls never go smaller.)
     """
     query_axis = 2 if skip_reshape else 1
-    batch, num_queries = q.shape[0], q.shape[query_axis]
-    dim_head = q.shape[-1] if skip_reshape else q.shape[-1] // heads
+    out_axis = 2 if skip_output_reshape else 1
+    num_queries = q.shape[query_axis]
     base_mask = _as_4d_additive(mask, q.dtype)
 
-    if skip_output_reshape:
-        out = torch.empty((batch, heads, num_queries, dim_head), dtype=q.dtype, device=q.device)
-        out_by_head = out
-    else:
-        out = torch.empty((batch, num_queries, heads * dim_head), dtype=q.dtype, device=q.device)
-        out_by_head = out.view(batch, num_queries, heads, dim_head).transpose(1, 2)
+    def run(start: int, stop: int, key_bias: torch.Tensor | None) -> torch.Tensor:
+        call_mask = base_mask
+        if call_mask is not None and call_mask.shape[2] != 1:
+            call_mask = call_mask[:, :, start:stop]
+        if key_bias is not None:
+            key_bias = key_bias.to(dtype=q.dtype, device=q.device).view(1, 1, 1, -1)
+            call_mask = key_bias if call_mask is None else call_mask + key_bias
+        return attend(q.narrow(query_axis, start, stop - start), k, v, heads, mask=call_mask,
+                      skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape, **kwargs)
 
-    for group in groups:
-        length = group.stop - group.start
-        group_mask = base_mask
-        if group_mask is not None and group_mask.shape[2] != 1:
-            group_mask = group_mask[:, :, group.start:group.stop]
-        if group.key_bias is not None:
-            key_bias = group.key_bias.to(dtype=q.dtype, device=q.device).view(1, 1, 1, -1)
-            group_mask = key_bias if group_mask is None else group_mask + key_bias
-        out_by_head[:, :, group.start:group.stop] = attend(
-            q.narrow(query_axis, group.start, length),
-            k,
-            v,
-            heads,
-            mask=group_mask,
-            skip_reshape=skip_reshape,
-            skip_output_reshape=True,
-            **kwargs,
-        )
+    out = None
+    step = max(MIN_QUERIES_PER_CALL, -(-num_queries // 16))
+    calls = [(start, min(start + step, g.stop), g.key_bias) for g in groups for start in range(g.start, g.stop, step)]
+    for start, stop, key_bias in calls:
+        rows = run(start, stop, key_bias)
+        if out is None:
+            shape = list(rows.shape)
+            shape[out_axis] = num_queries
+            out = rows.new_empty(shape)
+        out.narrow(out_axis, start, stop - start).copy_(rows)
+        del rows  # before the next call allocates its own
     return out
