@@ -116,3 +116,41 @@ def grouped_bias_attention(
         out.narrow(out_axis, start, stop - start).copy_(rows)
         del rows  # before the next call allocates its own
     return out
+
+
+def attention_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    heads: int,
+    groups: Sequence[QueryGroup],
+    queries: tuple[int, int],
+    keys: tuple[int, int],
+    *,
+    mask: torch.Tensor | None = None,
+    skip_reshape: bool = False,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Per batch entry: the mean, over ``queries`` (a range) and heads, of the attention mass on ``keys``.
+
+    The logits include the groups' key biases and the caller's mask, exactly as
+    ``grouped_bias_attention`` applies them. Computed in query chunks, so no
+    full attention matrix is ever held.
+    """
+    if not skip_reshape:
+        q = q.view(q.shape[0], q.shape[1], heads, -1).transpose(1, 2)
+        k = k.view(k.shape[0], k.shape[1], heads, -1).transpose(1, 2)
+    base_mask = _as_4d_additive(mask, torch.float32)
+    scale = q.shape[-1] ** -0.5
+    total = torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
+    for group in groups:
+        start, stop = max(group.start, queries[0]), min(group.stop, queries[1])
+        for chunk_start in range(start, stop, chunk):
+            chunk_stop = min(chunk_start + chunk, stop)
+            logits = (q[:, :, chunk_start:chunk_stop].float() @ k.float().transpose(-1, -2)) * scale
+            if base_mask is not None:
+                logits = logits + (base_mask if base_mask.shape[2] == 1 else base_mask[:, :, chunk_start:chunk_stop])
+            if group.key_bias is not None:
+                logits = logits + group.key_bias.to(logits).view(1, 1, 1, -1)
+            mass = logits.softmax(-1)[..., keys[0]:keys[1]].sum(-1)
+            total += mass.sum(dim=(1, 2))
+    return total / (max(queries[1] - queries[0], 0) * q.shape[1])

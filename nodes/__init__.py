@@ -2,12 +2,13 @@
 
 from comfy_api.latest import ComfyExtension, io
 
+from .diagnostics import ReferenceAttentionShare
 from .dymos import DyMoSMotionSlider
 
 
 class MotionDialsExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [DyMoSMotionSlider]
+        return [DyMoSMotionSlider, ReferenceAttentionShare]
 
 
 async def comfy_entrypoint() -> MotionDialsExtension:

@@ -93,7 +93,8 @@ class TokenLayout:
     height: int
     width: int
     video_start: int
-    sequence_length: int
+    sequence_length: int  # keys
+    query_length: int
 
     @property
     def tokens_per_frame(self) -> int:
@@ -142,6 +143,9 @@ class MotionEffect:
     def block_residual(self, ctx: BlockContext, block_input: torch.Tensor) -> torch.Tensor | None:
         """A tensor added to the block's video output, computed from its input, or None."""
         return None
+
+    def observe_attention(self, ctx: AttentionContext, q, k, heads, groups: list[QueryGroup], attention_kwargs):
+        """See an attention call with the bias all effects gave it (groups; [one unbiased group] if none)."""
 
 
 @dataclass
@@ -212,7 +216,7 @@ class ForwardState:
                 kind = AttentionKind.TEXT_CROSS
         if video_start < 0:
             return None
-        layout = TokenLayout(frames, height, width, video_start, k_len)
+        layout = TokenLayout(frames, height, width, video_start, k_len, q_len)
         return AttentionContext(self.family, self.block_index, self.block_type, kind, layout, self)
 
 
@@ -226,6 +230,8 @@ class MotionDialsPatch:
         self.patch_size = patch_size
         self.effects = effects
         self.previous_override = previous_override
+        # Only effects that override observe_attention are called for it: the hot path stays short.
+        self.observers = tuple(e for e in effects if type(e).observe_attention is not MotionEffect.observe_attention)
 
     def with_effect(self, effect: MotionEffect) -> MotionDialsPatch:
         return MotionDialsPatch(self.family, self.patch_size, self.effects + (effect,), self.previous_override)
@@ -323,6 +329,8 @@ def _attention_override(func, *args, **kwargs):
         effect_groups = effect.logit_bias(ctx)
         if effect_groups is not None:
             groups = effect_groups if groups is None else combine_groups(groups, effect_groups)
+    for effect in patch.observers:
+        effect.observe_attention(ctx, q, k, heads, groups or [QueryGroup(0, ctx.layout.query_length)], kwargs)
     if groups is None:
         return attend(q, k, v, heads, *args[4:], **kwargs)
     return grouped_bias_attention(attend, q, k, v, heads, groups, **kwargs)
