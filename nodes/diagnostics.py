@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import comfy.samplers
-import nodes as comfy_nodes
 from comfy_api.latest import io, ui
+
+import nodes as comfy_nodes
 
 from ..models.attention import attention_mass
 from .patcher_core import AttentionKind, MotionEffect, apply_effect

@@ -47,9 +47,15 @@ def attention_function(backend: str):
 def attention_case(tokens: int, patched: bool, backend: str):
     """A callable doing one attention call as Wan's self-attention makes it, and what it needs."""
     import torch
+
     from motion_dials.nodes.dymos import DyMoSEffect
     from motion_dials.nodes.patcher_core import (
-        FORWARD_KEY, PATCH_KEY, WAN, ForwardState, MotionDialsPatch, _attention_override,
+        FORWARD_KEY,
+        PATCH_KEY,
+        WAN,
+        ForwardState,
+        MotionDialsPatch,
+        _attention_override,
     )
 
     frames, height, width = GEOMETRIES[tokens]
@@ -147,6 +153,7 @@ def bench_attention(repeats: int) -> list[dict]:
 
 def bench_end_to_end(repeats: int) -> dict:
     import torch
+
     from motion_dials.nodes.dymos import DyMoSMotionSlider
 
     from .sampling import sample_tiny

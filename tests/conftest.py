@@ -1,5 +1,4 @@
 import pytest
-
 from host import import_host, register_tiny_models  # tests/ is on sys.path through pytest's rootdir conftest
 
 import_host()

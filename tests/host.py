@@ -11,11 +11,13 @@ import contextlib
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -102,7 +104,9 @@ class Server:
         ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.log_file = open(self.log_path, "w")
-        self.process = subprocess.Popen(command, cwd=COMFYUI_PATH, stdout=self.log_file, stderr=subprocess.STDOUT, env=env)
+        self.process = subprocess.Popen(
+            command, cwd=COMFYUI_PATH, stdout=self.log_file, stderr=subprocess.STDOUT, env=env
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -120,6 +124,21 @@ class Server:
     def get_json(self, path: str):
         with urllib.request.urlopen(self.url + path, timeout=30) as response:
             return json.loads(response.read())
+
+    def upload_image(self, path: Path) -> str:
+        """Put an image into the server's input folder, as the web UI's upload does."""
+        destination = self.workdir / "input" / path.name
+        shutil.copyfile(path, destination)
+        return path.name
+
+    def fetch_output(self, item: dict, destination: Path) -> Path:
+        """Download one output file ({filename, subfolder, type} from /history) through /view."""
+        query = urllib.parse.urlencode({k: item.get(k, "") for k in ("filename", "subfolder", "type")})
+        target = destination / item.get("subfolder", "") / item["filename"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(f"{self.url}/view?{query}", timeout=60) as response:
+            target.write_bytes(response.read())
+        return target
 
     def stop(self):
         if self.process is not None and self.process.poll() is None:

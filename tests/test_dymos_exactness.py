@@ -7,10 +7,17 @@ import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_sampling
 import pytest
 import torch
+
 from motion_dials.models.dymos import frame_weight
 from motion_dials.nodes.dymos import DyMoSEffect
 from motion_dials.nodes.patcher_core import (
-    FORWARD_KEY, HUNYUAN_VIDEO_15, PATCH_KEY, WAN, ForwardState, MotionDialsPatch, _attention_override,
+    FORWARD_KEY,
+    HUNYUAN_VIDEO_15,
+    PATCH_KEY,
+    WAN,
+    ForwardState,
+    MotionDialsPatch,
+    _attention_override,
 )
 
 COMFY_ATTENTION = comfy_attention.optimized_attention.__wrapped__
