@@ -97,6 +97,13 @@ class DyMoSMotionSlider(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, frame_schedule) -> bool | str:
+        # ComfyUI 0.3.75 does not check V3 combo values at /prompt; without this a typo would fail mid-sampling.
+        if frame_schedule not in SCHEDULES:
+            return f"unknown frame schedule {frame_schedule!r}; choose one of {', '.join(SCHEDULES)}"
+        return True
+
+    @classmethod
     def execute(cls, model, strength, tau, frame_schedule, reference_frames=1) -> io.NodeOutput:
         if strength == 0.0 or tau == 0.0:
             return io.NodeOutput(model)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 if __package__:  # `python -m tests.bench` from the repo root
-    from .host import REPO, import_host
+    from .host import REPO, import_host, register_tiny_models
 else:  # the memory probe runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from host import REPO, import_host
@@ -156,15 +156,12 @@ def bench_end_to_end(repeats: int) -> dict:
 
     from motion_dials.nodes.dymos import DyMoSMotionSlider
 
-    from .sampling import sample_tiny
+    from .sampling import load_tiny, sample_tiny
 
-    model, case = None, "wan2.1_i2v"
-    times = {"unpatched": [], "patched": []}
-    from .sampling import load_tiny
-
+    case = "wan2.1_i2v"
     model = load_tiny(case)
-    patched = DyMoSMotionSlider.execute(model, 1.0, 0.2, "uniform", 1).result[0]
-    variants = {"unpatched": model, "patched": patched}
+    variants = {"unpatched": model, "patched": DyMoSMotionSlider.execute(model, 1.0, 0.2, "uniform", 1).result[0]}
+    times = {name: [] for name in variants}
     for variant in variants.values():  # warm-up
         sample_tiny(case, variant, steps=2)
     for _ in range(repeats):
@@ -193,6 +190,7 @@ def main():
         return
 
     import_host()
+    register_tiny_models()
     attention_rows = bench_attention(max(3, args.repeats // 2))
     end_to_end = bench_end_to_end(args.repeats * 2)
 

@@ -1,0 +1,72 @@
+"""The pack in a real ComfyUI server (`main.py --cpu` on a loopback port), driven through its HTTP API."""
+
+import json
+
+import pytest
+from host import REPO, Server
+from server_client import PromptFailed, PromptRejected, run_prompt
+from tiny_graph import shrink_api, tinyify_api
+
+WORKFLOWS = REPO / "workflows"
+
+
+def tiny_workflow(name: str) -> dict:
+    return shrink_api(tinyify_api(json.loads((WORKFLOWS / f"{name}.api.json").read_text())))
+
+
+def node_of(workflow: dict, class_type: str) -> str:
+    return next(node_id for node_id, node in workflow.items() if node["class_type"] == class_type)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models):
+    with Server() as running:
+        running.upload_image(WORKFLOWS / "example.png")
+        yield running
+
+
+def test_object_info_lists_the_slider_with_tooltips(server):
+    info = server.get_json("/object_info/DyMoSMotionSlider")["DyMoSMotionSlider"]
+    assert info["category"] == "Motion Dials"
+    assert info["display_name"] == "DyMoS Motion Slider"
+    required, optional = info["input"]["required"], info["input"].get("optional", {})
+    assert set(required) == {"model", "strength", "tau", "frame_schedule"}
+    assert set(optional) == {"reference_frames"}
+    strength = required["strength"][1]
+    assert (strength["default"], strength["min"], strength["max"], strength["display"]) == (1.0, -4.0, 4.0, "slider")
+    assert required["tau"][1]["default"] == 0.2
+    assert required["frame_schedule"][1]["options"] == ["uniform", "linear", "log"]
+    for spec in [*required.values(), *optional.values()]:
+        assert spec[1]["tooltip"], f"every input has a tooltip: {spec}"
+    assert "Wan 2.2 I2V A14B strength 0.6" in strength["tooltip"]
+
+
+@pytest.mark.parametrize("name", ["dymos_wan21_i2v", "dymos_wan22_i2v"])
+def test_shipped_workflow_runs_through_the_api(server, name, tmp_path):
+    outputs = run_prompt(server, tiny_workflow(name))
+    saved = [item for node_out in outputs.values() for item in node_out.get("images", [])]
+    assert saved, f"the workflow saved nothing: {outputs}"
+    for item in saved:
+        assert server.fetch_output(item, tmp_path).stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "field,value,reason",
+    [("strength", 10.0, "bigger than max"), ("tau", 1.5, "bigger than max"), ("tau", -0.1, "smaller than min"),
+     ("frame_schedule", "cubic", "choose one of uniform, linear, log")],
+)
+def test_out_of_range_values_are_rejected_by_validation(server, field, value, reason):
+    workflow = tiny_workflow("dymos_wan21_i2v")
+    slider_id = node_of(workflow, "DyMoSMotionSlider")
+    workflow[slider_id]["inputs"][field] = value
+    with pytest.raises(PromptRejected) as rejected:
+        run_prompt(server, workflow)
+    errors = rejected.value.body["node_errors"][slider_id]["errors"]
+    assert any(e["extra_info"]["input_name"] == field and reason in e["message"] + e["details"] for e in errors), errors
+
+
+def test_unsupported_model_fails_with_a_message_naming_the_supported_families(server):
+    workflow = tiny_workflow("dymos_wan21_i2v")
+    workflow[node_of(workflow, "UNETLoader")]["inputs"]["unet_name"] = "hunyuan_video_t2v_720p_bf16.safetensors"
+    with pytest.raises(PromptFailed, match=r"DyMoSMotionSlider.*supports Wan 2\.1 / 2\.2 .* HunyuanVideo 1\.5"):
+        run_prompt(server, workflow)
