@@ -1,6 +1,8 @@
 // DyMoS Motion Slider: say in words what the strength slider does, under the node's widgets.
 import { app } from "../../scripts/app.js";
 
+const HINT_HEIGHT = 18;
+
 function describe(strength, tau) {
     if (strength === 0 || tau === 0) return "off: the model is left untouched";
     const direction = strength > 0 ? "more motion" : "more static";
@@ -22,9 +24,15 @@ app.registerExtension({
             ctx.font = "12px sans-serif";
             ctx.fillStyle = "#9ab";
             ctx.textAlign = "left";
-            ctx.fillText(describe(strength, tau), 10, this.size[1] - 8);
+            ctx.fillText(describe(strength, tau), 10, this.size[1] - 6);
             ctx.restore();
         };
-        node.setSize([node.size[0], node.size[1] + 16]);
+        // Room for the hint below the last widget, whatever size the frontend computes.
+        const computeSize = node.computeSize;
+        node.computeSize = function () {
+            const size = computeSize.apply(this, arguments);
+            return [size[0], size[1] + HINT_HEIGHT];
+        };
+        node.setSize(node.computeSize());
     },
 });

@@ -18,6 +18,7 @@ import torch
 
 AttentionFn = Callable[..., torch.Tensor]
 MIN_QUERIES_PER_CALL = 1024
+CALLS_PER_OUTPUT = 32  # each call's output is at most 1/32 of the whole: the only memory beyond plain attention
 
 
 @dataclass(frozen=True)
@@ -84,37 +85,50 @@ def grouped_bias_attention(
     with ``skip_reshape``; the output has the layout the caller asked for. The
     groups must tile all queries.
 
-    Memory stays close to one plain call's: the groups run in calls of at most
-    a sixteenth of the queries, each copied into the output and freed before
-    the next, so the only extra is one such call's output. (Below 1,024 queries
-    a call, PyTorch's CPU flash kernel slows down, so calls never go smaller.)
+    Memory stays close to one plain call's: the work runs in calls of at most
+    1/32 of the output (a block of queries, and of heads when a block
+    would otherwise be larger), each copied into the output and freed before
+    the next, so the only extra memory is one such call's output. Calls never
+    take fewer than 1,024 queries: below that PyTorch's CPU flash kernel slows.
     """
-    query_axis = 2 if skip_reshape else 1
-    out_axis = 2 if skip_output_reshape else 1
-    num_queries = q.shape[query_axis]
+    head_axis, query_axis = (1, 2) if skip_reshape else (2, 1)
+    batch, num_queries = q.shape[0], q.shape[query_axis]
+    dim_head = q.shape[-1] if skip_reshape else q.shape[-1] // heads
+    if not skip_reshape:  # [B, N, H*D] -> a [B, N, H, D] view, so heads can be sliced like queries
+        q, k, v = (t.view(t.shape[0], t.shape[1], heads, dim_head) for t in (q, k, v))
     base_mask = _as_4d_additive(mask, q.dtype)
 
-    def run(start: int, stop: int, key_bias: torch.Tensor | None) -> torch.Tensor:
-        call_mask = base_mask
-        if call_mask is not None and call_mask.shape[2] != 1:
-            call_mask = call_mask[:, :, start:stop]
-        if key_bias is not None:
-            key_bias = key_bias.to(dtype=q.dtype, device=q.device).view(1, 1, 1, -1)
-            call_mask = key_bias if call_mask is None else call_mask + key_bias
-        return attend(q.narrow(query_axis, start, stop - start), k, v, heads, mask=call_mask,
-                      skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape, **kwargs)
+    if skip_output_reshape:
+        out = q.new_empty((batch, heads, num_queries, dim_head))
+        out_by_head = out
+    else:
+        out = q.new_empty((batch, num_queries, heads * dim_head))
+        out_by_head = out.view(batch, num_queries, heads, dim_head).transpose(1, 2)
 
-    out = None
-    step = max(MIN_QUERIES_PER_CALL, -(-num_queries // 16))
-    calls = [(start, min(start + step, g.stop), g.key_bias) for g in groups for start in range(g.start, g.stop, step)]
-    for start, stop, key_bias in calls:
-        rows = run(start, stop, key_bias)
-        if out is None:
-            shape = list(rows.shape)
-            shape[out_axis] = num_queries
-            out = rows.new_empty(shape)
-        out.narrow(out_axis, start, stop - start).copy_(rows)
-        del rows  # before the next call allocates its own
+    rows = max(MIN_QUERIES_PER_CALL, -(-num_queries // CALLS_PER_OUTPUT))
+    heads_per_call = max(1, min(heads, heads * num_queries // (CALLS_PER_OUTPUT * rows)))
+    for group in groups:
+        key_bias = None
+        if group.key_bias is not None:
+            key_bias = group.key_bias.to(dtype=q.dtype, device=q.device).view(1, 1, 1, -1)
+        for start in range(group.start, group.stop, rows):
+            stop = min(start + rows, group.stop)
+            for head in range(0, heads, heads_per_call):
+                head_stop = min(head + heads_per_call, heads)
+                call_mask = base_mask
+                if call_mask is not None:
+                    call_mask = call_mask[:, head:head_stop] if call_mask.shape[1] != 1 else call_mask
+                    call_mask = call_mask[:, :, start:stop] if call_mask.shape[2] != 1 else call_mask
+                if key_bias is not None:
+                    call_mask = key_bias if call_mask is None else call_mask + key_bias
+                part = [t.narrow(head_axis, head, head_stop - head) for t in (q, k, v)]
+                part[0] = part[0].narrow(query_axis, start, stop - start)
+                if not skip_reshape:
+                    part = [t.flatten(2) for t in part]
+                result = attend(*part, head_stop - head, mask=call_mask, skip_reshape=skip_reshape,
+                                skip_output_reshape=True, **kwargs)
+                out_by_head[:, head:head_stop, start:stop].copy_(result)
+                del result  # before the next call allocates its own
     return out
 
 

@@ -1,38 +1,123 @@
 """Make a shipped workflow runnable on the tiny models.
 
-Real text and vision encoders cannot be tiny, so their loader and encode nodes are swapped for the
-test-fixture nodes (tests/host_fixture); sizes and step counts shrink so a run takes seconds on a CPU.
-Everything else, the DyMoS node included, stays exactly as shipped.
+The diffusion models and the Wan 2.1 VAE can be tiny (tests/tiny_models.py); real text and vision
+encoders cannot, their widths being fixed by their checkpoints. So `tinyify_api` and `tinyify_ui` swap
+CLIPTextEncode and CLIPVisionEncode for the test-fixture nodes (tests/host_fixture), which give random
+outputs of the real shapes, and drop the encoder loaders left unused. `shrink_api` makes sizes and step
+counts small so a run takes seconds on a CPU. Everything else, the Motion Dials nodes included, stays as
+shipped.
 """
 
 from __future__ import annotations
 
 import copy
 
-ENCODER_LOADERS = {"CLIPLoader", "DualCLIPLoader", "CLIPVisionLoader"}
-LATENT_BUILDERS = {"WanImageToVideo", "HunyuanVideo15ImageToVideo"}
+TEXT_ENCODE, VISION_ENCODE = "CLIPTextEncode", "CLIPVisionEncode"
+FIXTURE_TEXT_ENCODE, FIXTURE_VISION_ENCODE = "MotionDialsTestConditioning", "MotionDialsTestClipVision"
+FIXTURE_TOKENS = 8
+ENCODER_LOADERS = {"CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader", "QuadrupleCLIPLoader", "CLIPVisionLoader"}
+MODEL_LOADERS = {"UNETLoader", "CheckpointLoaderSimple"}
+LATENT_BUILDERS = {"WanImageToVideo", "HunyuanVideo15ImageToVideo", "Wan22ImageToVideoLatent",
+                   "EmptyHunyuanLatentVideo", "EmptyHunyuanVideo15Latent"}
 SAMPLERS = {"KSampler", "KSamplerAdvanced"}
 
 
+def family_from_model_names(names) -> str:
+    """The fixture family ("wan" or "hunyuan_video_1.5") of the diffusion model files a graph loads."""
+    names = [str(name) for name in names]
+    families = set()
+    for name in names:
+        file_name = name.replace("\\", "/").rsplit("/", 1)[-1]  # names may carry a subfolder
+        squashed = file_name.lower().replace("_", "").replace("-", "").replace(".", "")
+        if "hunyuanvideo15" in squashed:
+            families.add("hunyuan_video_1.5")
+        elif squashed.startswith("wan"):
+            families.add("wan")
+    if len(families) != 1:
+        raise ValueError(f"cannot tell the model family from the loaded files {sorted(names)}: "
+                         "pass family= explicitly")
+    return families.pop()
+
+
 def family_of(workflow: dict) -> str:
-    names = " ".join(str(node["inputs"].get("unet_name", "")) for node in workflow.values())
-    return "hunyuan_video_1.5" if "hunyuanvideo1.5" in names else "wan"
+    """The fixture family of an API-format workflow, from its diffusion model loaders."""
+    return family_from_model_names(
+        value for node in workflow.values() if node["class_type"] in MODEL_LOADERS
+        for value in node["inputs"].values() if isinstance(value, str) and value.endswith(".safetensors")
+    )
 
 
-def tinyify_api(workflow: dict) -> dict:
-    """An API-format workflow with the text/vision encoders replaced by the test-fixture nodes."""
-    family = family_of(workflow)
+def tinyify_api(workflow: dict, family: str | None = None) -> dict:
+    """A copy of an API-format workflow with the text and vision encoders replaced by the fixture nodes.
+
+    An encoder loader is dropped only once nothing reads it; one still read elsewhere (say by a
+    LoraLoader's clip input) stays, and the run then fails on its missing file rather than silently.
+    """
+    family = family or family_of(workflow)
     tiny = copy.deepcopy(workflow)
-    for node_id, node in list(tiny.items()):
-        if node["class_type"] == "CLIPTextEncode":
-            tiny[node_id] = {"class_type": "MotionDialsTestConditioning",
-                             "inputs": {"family": family, "text": node["inputs"]["text"], "tokens": 8},
-                             "_meta": node.get("_meta", {})}
-        elif node["class_type"] == "CLIPVisionEncode":
-            tiny[node_id] = {"class_type": "MotionDialsTestClipVision",
-                             "inputs": {"image": node["inputs"]["image"], "family": family},
-                             "_meta": node.get("_meta", {})}
-    return {node_id: node for node_id, node in tiny.items() if node["class_type"] not in ENCODER_LOADERS}
+    for node in tiny.values():
+        inputs = node["inputs"]
+        if node["class_type"] == TEXT_ENCODE:
+            node["class_type"] = FIXTURE_TEXT_ENCODE
+            node["inputs"] = {"family": family, "text": inputs["text"], "tokens": FIXTURE_TOKENS}
+        elif node["class_type"] == VISION_ENCODE:
+            node["class_type"] = FIXTURE_VISION_ENCODE
+            node["inputs"] = {"image": inputs["image"], "family": family}
+    read = {str(value[0]) for node in tiny.values() for value in node["inputs"].values() if _is_api_link(value)}
+    return {node_id: node for node_id, node in tiny.items()
+            if node["class_type"] not in ENCODER_LOADERS or node_id in read}
+
+
+def _is_api_link(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)
+
+
+def tinyify_ui(workflow: dict, family: str | None = None) -> dict:
+    """`tinyify_api` for a UI-format (litegraph) workflow: nodes and links stay consistent.
+
+    Links are [id, from_node, from_slot, to_node, to_slot, type]; each node's inputs name their link and
+    its outputs list theirs. Workflows whose subgraphs hold encoder nodes are refused, not half-converted.
+    """
+    for subgraph in workflow.get("definitions", {}).get("subgraphs", []):
+        if any(node["type"] in ENCODER_LOADERS | {TEXT_ENCODE, VISION_ENCODE} for node in subgraph["nodes"]):
+            raise NotImplementedError(f"encoder nodes inside subgraph {subgraph.get('name')!r} are not converted")
+    tiny = copy.deepcopy(workflow)
+    family = family or family_from_model_names(
+        value for node in tiny["nodes"] if node["type"] in MODEL_LOADERS
+        for value in node.get("widgets_values", []) if isinstance(value, str) and value.endswith(".safetensors")
+    )
+    nodes = {node["id"]: node for node in tiny["nodes"]}
+    links = {link[0]: link for link in tiny["links"]}
+
+    def unlink(link_id):
+        _, from_node, from_slot, *_ = links.pop(link_id)
+        outgoing = nodes[from_node]["outputs"][from_slot]
+        outgoing["links"] = [other for other in outgoing.get("links") or [] if other != link_id]
+
+    def replace(node, new_type, kept_inputs, widgets_values):
+        for entry in node.get("inputs", []):
+            if entry["name"] not in kept_inputs and entry.get("link") is not None:
+                unlink(entry["link"])
+        node["inputs"] = [entry for entry in node.get("inputs", []) if entry["name"] in kept_inputs]
+        for slot, entry in enumerate(node["inputs"]):
+            if entry.get("link") is not None:
+                links[entry["link"]][4] = slot  # inputs before it were dropped: the link's target slot moves
+        node["type"] = new_type
+        node["widgets_values"] = widgets_values
+        node["properties"] = {"Node name for S&R": new_type}  # core-node metadata (cnr_id, ver) no longer applies
+
+    for node in tiny["nodes"]:
+        if node["type"] == TEXT_ENCODE:
+            text = (node.get("widgets_values") or [""])[0]
+            replace(node, FIXTURE_TEXT_ENCODE, {"text"}, [family, text, FIXTURE_TOKENS])
+        elif node["type"] == VISION_ENCODE:
+            replace(node, FIXTURE_VISION_ENCODE, {"image"}, [family])
+
+    unused_loaders = {node["id"] for node in tiny["nodes"] if node["type"] in ENCODER_LOADERS
+                      and not any(output.get("links") for output in node.get("outputs", []))}
+    tiny["nodes"] = [node for node in tiny["nodes"] if node["id"] not in unused_loaders]
+    tiny["links"] = list(links.values())
+    return tiny
 
 
 def shrink_api(workflow: dict, *, size: int = 64, length: int = 9, steps: int = 4) -> dict:

@@ -1,17 +1,27 @@
 """Tiny random-weight models in the real file formats, for tests and the demo.
 
 `python -m tests.tiny_models --out DIR` builds each model from ComfyUI's own model classes at a tiny
-width (two blocks, 256 wide: 2 heads of 128, the head size ComfyUI's detection assumes) and saves
-its state dict as safetensors under the standard file name of ComfyUI's templates. So the files
-carry the real key names and load through ComfyUI's real loaders (UNETLoader, VAELoader), which
-detect the family from those keys and shapes. Only the Wan 2.1 VAE can be tiny: ComfyUI reads its
-width from the weights, while the Wan 2.2 and HunyuanVideo 1.5 VAEs have hard-coded widths.
+size (two blocks, 256 wide: 2 heads of 128, the head size ComfyUI's detection assumes) and saves its
+weights as safetensors under the standard file name of ComfyUI's workflow templates. The files carry
+the real key names, so ComfyUI's real loaders (UNETLoader, VAELoader) detect the family from the keys
+and shapes exactly as they do for the released files.
+
+What cannot shrink: layers whose widths are fixed by the encoders feeding them (umt5 4096, CLIP-H
+1280, Qwen2.5-VL 3584, SigLIP 1152), so the I2V files are larger than the T2V ones. HunyuanVideo
+1.5's ByT5 glyph branch (hard-coded 1472 -> 2048 -> 2048, 15 MB alone) is optional in the model and
+left out; the model then ignores ByT5 conditioning, as ComfyUI does for a checkpoint without it. Only the Wan 2.1 VAE can be
+tiny: ComfyUI reads its width from the weights, while the Wan 2.2 and HunyuanVideo 1.5 VAEs have
+hard-coded widths (hundreds of MB even with random weights), so they are not written.
+
+Weights are stored in the dtype the file name says (fp16 or bf16). The two Wan 2.2 A14B experts keep
+their standard `fp8_scaled` names but are stored in fp16, which ComfyUI loads the same way.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__:
@@ -19,74 +29,102 @@ if __package__:
 else:
     from host import import_host
 
-WIDTH, FFN, BLOCKS, HEADS = 256, 512, 2, 2
+WIDTH = 256  # 2 heads: ComfyUI derives the head count as width // 128 for Wan and HunyuanVideo
+WAN_FFN = 512
+BLOCKS = 2
+INIT_STD = 0.02  # small enough that a few sampling steps through random weights stay finite
 
-# file name -> (family, role, builder name, seed)
-DIFFUSION_MODELS = {
-    "wan2.1_i2v_480p_14B_fp16.safetensors": ("wan2.1_i2v", "Wan 2.1 I2V 14B 480p", "wan21_i2v", 1),
-    "wan2.1_t2v_1.3B_fp16.safetensors": ("wan2.1_t2v", "Wan 2.1 T2V 1.3B", "wan21_t2v", 2),
-    "wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors": ("wan2.2_i2v", "Wan 2.2 I2V A14B high-noise expert",
-                                                         "wan22_i2v", 3),
-    "wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors": ("wan2.2_i2v", "Wan 2.2 I2V A14B low-noise expert",
-                                                        "wan22_i2v", 4),
-    "wan2.2_ti2v_5B_fp16.safetensors": ("wan2.2_ti2v_5b", "Wan 2.2 TI2V 5B", "wan22_ti2v", 5),
-    "hunyuanvideo1.5_720p_i2v_fp16.safetensors": ("hunyuan_video_1.5_i2v", "HunyuanVideo 1.5 I2V 720p",
-                                                  "hunyuan15_i2v", 6),
+
+@dataclass(frozen=True)
+class TinyModel:
+    folder: str  # ComfyUI model folder: diffusion_models or vae
+    file_name: str  # the standard name in ComfyUI's workflow templates
+    family: str
+    role: str
+    template: str  # a template of comfyui_workflow_templates that loads this file
+    build: str  # key of BUILDERS
+    seed: int
+
+
+MODELS = (
+    TinyModel("diffusion_models", "wan2.1_i2v_480p_14B_fp16.safetensors", "wan2.1", "i2v (CLIP-vision branch)",
+              "image_to_video_wan", "wan21_i2v", 1),
+    TinyModel("diffusion_models", "wan2.1_t2v_1.3B_fp16.safetensors", "wan2.1", "t2v",
+              "text_to_video_wan", "wan21_t2v", 2),
+    TinyModel("diffusion_models", "wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors", "wan2.2",
+              "i2v A14B high-noise expert", "video_wan2_2_14B_i2v", "wan22_i2v", 3),
+    TinyModel("diffusion_models", "wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors", "wan2.2",
+              "i2v A14B low-noise expert", "video_wan2_2_14B_i2v", "wan22_i2v", 4),
+    TinyModel("diffusion_models", "wan2.2_ti2v_5B_fp16.safetensors", "wan2.2", "ti2v 5B (48-channel latent)",
+              "video_wan2_2_5B_ti2v", "wan22_ti2v", 5),
+    TinyModel("diffusion_models", "hunyuanvideo1.5_720p_i2v_fp16.safetensors", "hunyuan_video_1.5", "i2v",
+              "video_hunyuan_video_1.5_720p_i2v", "hunyuan15_i2v", 6),
     # A video family Motion Dials does not support, for the clear-error tests.
-    "hunyuan_video_t2v_720p_bf16.safetensors": ("hunyuan_video_1.0", "HunyuanVideo (1.0) T2V, unsupported",
-                                                "hunyuan10_t2v", 8),
-}
-VAES = {"wan_2.1_vae.safetensors": ("wan2.1_vae", "Wan 2.1 VAE (also used by Wan 2.2 A14B)", "wan21_vae", 7)}
+    TinyModel("diffusion_models", "hunyuan_video_t2v_720p_bf16.safetensors", "hunyuan_video_1.0",
+              "t2v (unsupported by Motion Dials)", "hunyuan_video_text_to_video", "hunyuan10_t2v", 8),
+    TinyModel("vae", "wan_2.1_vae.safetensors", "wan2.1", "vae (Wan 2.1 and Wan 2.2 A14B)",
+              "image_to_video_wan", "wan21_vae", 7),
+)
 
 
 def _wan(model_type: str, in_dim: int, out_dim: int):
+    """Wan 2.1 / 2.2: in_dim 16 (t2v), 36 (16 noise + 16 image latent + 4 mask) or 48 (TI2V 5B latent).
+
+    model_type "i2v" adds img_emb (the CLIP-vision branch of Wan 2.1 I2V); Wan 2.2 has none, the image
+    reaches it only through the input channels.
+    """
     import comfy.ldm.wan.model
     import comfy.ops
 
     return comfy.ldm.wan.model.WanModel(
-        model_type=model_type, patch_size=(1, 2, 2), in_dim=in_dim, dim=WIDTH, ffn_dim=FFN, freq_dim=256,
-        text_dim=4096, out_dim=out_dim, num_heads=HEADS, num_layers=BLOCKS, qk_norm=True, cross_attn_norm=True,
-        eps=1e-6, operations=comfy.ops.disable_weight_init,
+        model_type=model_type, patch_size=(1, 2, 2), in_dim=in_dim, dim=WIDTH, ffn_dim=WAN_FFN, freq_dim=256,
+        text_dim=4096, out_dim=out_dim, num_heads=WIDTH // 128, num_layers=BLOCKS, qk_norm=True,
+        cross_attn_norm=True, eps=1e-6, operations=comfy.ops.disable_weight_init,
     )
 
 
 def _hunyuan15_i2v():
+    """HunyuanVideo 1.5 I2V: double blocks only, like the real one.
+
+    Input 65 = 32 latent + 32 image latent + 1 mask; Qwen2.5-VL text (3584); SigLIP vision (1152);
+    cond_type_embedding as the real model; no ByT5 branch (see the module docstring).
+    """
     import comfy.ldm.hunyuan_video.model
     import comfy.ops
 
-    # 32 latent channels + 32 of the image latent + 1 mask; Qwen2.5-VL text (3584); SigLIP vision (1152).
-    # The real model also has a ByT5 glyph branch; it is optional in the model and left out to stay small.
     return comfy.ldm.hunyuan_video.model.HunyuanVideo(
         image_model="hunyuan_video", in_channels=65, out_channels=32, vec_in_dim=None, context_in_dim=3584,
-        hidden_size=WIDTH, mlp_ratio=4.0, num_heads=HEADS, depth=BLOCKS, depth_single_blocks=0,
+        hidden_size=WIDTH, mlp_ratio=4.0, num_heads=WIDTH // 128, depth=BLOCKS, depth_single_blocks=0,
         axes_dim=[16, 56, 56], theta=256, patch_size=[1, 1, 1], qkv_bias=True, guidance_embed=False, byt5=False,
         meanflow=False, use_cond_type_embedding=True, vision_in_dim=1152, operations=comfy.ops.disable_weight_init,
     )
 
 
 def _hunyuan10_t2v():
+    """HunyuanVideo 1.0 T2V: llava text (4096), CLIP-L pooled vector (768), guidance embedding."""
     import comfy.ldm.hunyuan_video.model
     import comfy.ops
 
     return comfy.ldm.hunyuan_video.model.HunyuanVideo(
         image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
-        hidden_size=WIDTH, mlp_ratio=4.0, num_heads=HEADS, depth=1, depth_single_blocks=1,
+        hidden_size=WIDTH, mlp_ratio=4.0, num_heads=WIDTH // 128, depth=1, depth_single_blocks=1,
         axes_dim=[16, 56, 56], theta=256, patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=True, byt5=False,
         meanflow=False, use_cond_type_embedding=False, vision_in_dim=None, operations=comfy.ops.disable_weight_init,
     )
 
 
 def _wan21_vae():
+    """The Wan 2.1 VAE at width 8 (real: 96); ComfyUI reads the width from decoder.head.0.gamma."""
     import comfy.ldm.wan.vae
 
-    return comfy.ldm.wan.vae.WanVAE(dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+    return comfy.ldm.wan.vae.WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                                     temperal_downsample=[False, True, True], dropout=0.0)
 
 
 BUILDERS = {
     "wan21_i2v": lambda: _wan("i2v", 36, 16),
     "wan21_t2v": lambda: _wan("t2v", 16, 16),
-    "wan22_i2v": lambda: _wan("t2v", 36, 16),  # Wan 2.2 A14B I2V: image latent in the channels, no CLIP branch
+    "wan22_i2v": lambda: _wan("t2v", 36, 16),
     "wan22_ti2v": lambda: _wan("t2v", 48, 48),
     "hunyuan15_i2v": _hunyuan15_i2v,
     "hunyuan10_t2v": _hunyuan10_t2v,
@@ -94,21 +132,31 @@ BUILDERS = {
 }
 
 
-def random_state_dict(module, seed: int):
-    """Small random weights: norms at one, biases at zero, the rest N(0, 0.02), stored in fp16."""
+def storage_dtype(file_name: str):
+    import torch
+
+    return torch.bfloat16 if "_bf16" in file_name else torch.float16
+
+
+def random_state_dict(module, seed: int, dtype) -> dict:
+    """Norm scales at one, biases at zero, every other weight N(0, INIT_STD), drawn in a fixed order."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
     state = {}
-    for name, tensor in module.state_dict().items():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in ("bias", "beta"):
-            value = torch.zeros(tensor.shape)
-        elif tensor.ndim == 1 and ("norm" in name or leaf in ("gamma", "scale")) or leaf == "gamma":
-            value = torch.ones(tensor.shape)
-        else:
-            value = torch.randn(tensor.shape, generator=generator) * 0.02
-        state[name] = value.to(torch.float16).contiguous()
+    for module_name, submodule in module.named_modules():
+        is_norm = "norm" in type(submodule).__name__.lower()  # LayerNorm, RMSNorm, Wan's RMS_norm
+        for param_name, param in submodule.named_parameters(recurse=False):
+            if is_norm and param_name != "bias":
+                value = torch.ones(param.shape)
+            elif param_name == "bias":
+                value = torch.zeros(param.shape)
+            else:
+                value = torch.randn(param.shape, generator=generator) * INIT_STD
+            state[f"{module_name}.{param_name}" if module_name else param_name] = value.to(dtype).contiguous()
+    missing = set(module.state_dict()) - set(state)
+    if missing:
+        raise RuntimeError(f"state entries that are not parameters, not written: {sorted(missing)}")
     return state
 
 
@@ -116,24 +164,26 @@ def generate(out: Path) -> dict:
     from safetensors.torch import save_file
 
     manifest = {}
-    for folder, table in (("diffusion_models", DIFFUSION_MODELS), ("vae", VAES)):
-        (out / folder).mkdir(parents=True, exist_ok=True)
-        for file_name, (family, role, builder, seed) in table.items():
-            state = random_state_dict(BUILDERS[builder](), seed)
-            save_file(state, str(out / folder / file_name), metadata={"motion_dials": "tiny random test model"})
-            manifest[f"{folder}/{file_name}"] = {"family": family, "role": role}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    for model in MODELS:
+        (out / model.folder).mkdir(parents=True, exist_ok=True)
+        dtype = storage_dtype(model.file_name)
+        state = random_state_dict(BUILDERS[model.build](), model.seed, dtype)
+        save_file(state, str(out / model.folder / model.file_name), metadata={"motion_dials": "tiny random weights"})
+        manifest[f"{model.folder}/{model.file_name}"] = {
+            "family": model.family, "role": model.role, "template": model.template, "dtype": str(dtype).split(".")[1],
+        }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="gets diffusion_models/, vae/ and manifest.json")
     args = parser.parse_args()
     import_host()
     for path, entry in generate(args.out).items():
         size = (args.out / path).stat().st_size / 2**20
-        print(f"{path:<70} {size:6.2f} MiB  {entry['role']}")
+        print(f"{path:<68} {size:6.2f} MiB  {entry['family']} {entry['role']}")
 
 
 if __name__ == "__main__":
