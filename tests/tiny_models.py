@@ -9,9 +9,9 @@ and shapes exactly as they do for the released files.
 What cannot shrink: layers whose widths are fixed by the encoders feeding them (umt5 4096, CLIP-H
 1280, Qwen2.5-VL 3584, SigLIP 1152), so the I2V files are larger than the T2V ones. HunyuanVideo
 1.5's ByT5 glyph branch (hard-coded 1472 -> 2048 -> 2048, 15 MB alone) is optional in the model and
-left out; the model then ignores ByT5 conditioning, as ComfyUI does for a checkpoint without it. Only the Wan 2.1 VAE can be
-tiny: ComfyUI reads its width from the weights, while the Wan 2.2 and HunyuanVideo 1.5 VAEs have
-hard-coded widths (hundreds of MB even with random weights), so they are not written.
+left out; the model then ignores ByT5 conditioning, as ComfyUI does for a checkpoint without it.
+Only the Wan 2.1 VAE can be tiny: ComfyUI reads its width from the weights, while the Wan 2.2 and
+HunyuanVideo 1.5 VAEs have hard-coded widths (hundreds of MB even with random weights), so they are not written.
 
 Weights are stored in the dtype the file name says (fp16 or bf16). The two Wan 2.2 A14B experts keep
 their standard `fp8_scaled` names but are stored in fp16, which ComfyUI loads the same way.
