@@ -1,11 +1,12 @@
 """Make a shipped workflow runnable on the tiny models.
 
 The diffusion models and the Wan 2.1 VAE can be tiny (tests/tiny_models.py); real text and vision
-encoders cannot, their widths being fixed by their checkpoints. So `tinyify_api` and `tinyify_ui` swap
+encoders cannot, their widths being fixed by their checkpoints. So `tinyify_api` swaps
 CLIPTextEncode and CLIPVisionEncode for the test-fixture nodes (tests/host_fixture), which give random
 outputs of the real shapes, and drop the encoder loaders left unused. `shrink_api` makes sizes and step
 counts small so a run takes seconds on a CPU. Everything else, the Motion Dials nodes included, stays as
-shipped.
+shipped. (A UI-format graph for the tiny models is made from the API one with
+tests/workflow_formats.py, as the browser test does.)
 """
 
 from __future__ import annotations
@@ -70,54 +71,6 @@ def tinyify_api(workflow: dict, family: str | None = None) -> dict:
 
 def _is_api_link(value) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)
-
-
-def tinyify_ui(workflow: dict, family: str | None = None) -> dict:
-    """`tinyify_api` for a UI-format (litegraph) workflow: nodes and links stay consistent.
-
-    Links are [id, from_node, from_slot, to_node, to_slot, type]; each node's inputs name their link and
-    its outputs list theirs. Workflows whose subgraphs hold encoder nodes are refused, not half-converted.
-    """
-    for subgraph in workflow.get("definitions", {}).get("subgraphs", []):
-        if any(node["type"] in ENCODER_LOADERS | {TEXT_ENCODE, VISION_ENCODE} for node in subgraph["nodes"]):
-            raise NotImplementedError(f"encoder nodes inside subgraph {subgraph.get('name')!r} are not converted")
-    tiny = copy.deepcopy(workflow)
-    family = family or family_from_model_names(
-        value for node in tiny["nodes"] if node["type"] in MODEL_LOADERS
-        for value in node.get("widgets_values", []) if isinstance(value, str) and value.endswith(".safetensors")
-    )
-    nodes = {node["id"]: node for node in tiny["nodes"]}
-    links = {link[0]: link for link in tiny["links"]}
-
-    def unlink(link_id):
-        _, from_node, from_slot, *_ = links.pop(link_id)
-        outgoing = nodes[from_node]["outputs"][from_slot]
-        outgoing["links"] = [other for other in outgoing.get("links") or [] if other != link_id]
-
-    def replace(node, new_type, kept_inputs, widgets_values):
-        for entry in node.get("inputs", []):
-            if entry["name"] not in kept_inputs and entry.get("link") is not None:
-                unlink(entry["link"])
-        node["inputs"] = [entry for entry in node.get("inputs", []) if entry["name"] in kept_inputs]
-        for slot, entry in enumerate(node["inputs"]):
-            if entry.get("link") is not None:
-                links[entry["link"]][4] = slot  # inputs before it were dropped: the link's target slot moves
-        node["type"] = new_type
-        node["widgets_values"] = widgets_values
-        node["properties"] = {"Node name for S&R": new_type}  # core-node metadata (cnr_id, ver) no longer applies
-
-    for node in tiny["nodes"]:
-        if node["type"] == TEXT_ENCODE:
-            text = (node.get("widgets_values") or [""])[0]
-            replace(node, FIXTURE_TEXT_ENCODE, {"text"}, [family, text, FIXTURE_TOKENS])
-        elif node["type"] == VISION_ENCODE:
-            replace(node, FIXTURE_VISION_ENCODE, {"image"}, [family])
-
-    unused_loaders = {node["id"] for node in tiny["nodes"] if node["type"] in ENCODER_LOADERS
-                      and not any(output.get("links") for output in node.get("outputs", []))}
-    tiny["nodes"] = [node for node in tiny["nodes"] if node["id"] not in unused_loaders]
-    tiny["links"] = list(links.values())
-    return tiny
 
 
 def shrink_api(workflow: dict, *, size: int = 64, length: int = 9, steps: int = 4) -> dict:
