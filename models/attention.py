@@ -106,7 +106,10 @@ def grouped_bias_attention(
         out_by_head = out.view(batch, num_queries, heads, dim_head).transpose(1, 2)
 
     rows = max(MIN_QUERIES_PER_CALL, -(-num_queries // CALLS_PER_OUTPUT))
-    heads_per_call = max(1, min(heads, heads * num_queries // (CALLS_PER_OUTPUT * rows)))
+    if heads * num_queries <= CALLS_PER_OUTPUT * MIN_QUERIES_PER_CALL:
+        heads_per_call = heads  # a small call: splitting it would only add per-call overhead
+    else:
+        heads_per_call = max(1, min(heads, heads * num_queries // (CALLS_PER_OUTPUT * rows)))
     for group in groups:
         key_bias = None
         if group.key_bias is not None:

@@ -25,8 +25,11 @@ class DyMoSEffect(MotionEffect):
         self.reference_frames = reference_frames
         self._groups_by_layout = {}
 
+    def active_in(self, forward):
+        return forward.before_percent(self.tau)
+
     def logit_bias(self, ctx: AttentionContext):
-        if ctx.kind not in (AttentionKind.VIDEO_SELF, AttentionKind.JOINT) or not ctx.before_percent(self.tau):
+        if ctx.kind not in (AttentionKind.VIDEO_SELF, AttentionKind.JOINT):
             return None
         cache_key = (ctx.layout, ctx.forward.device)
         groups = self._groups_by_layout.get(cache_key)

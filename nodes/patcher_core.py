@@ -124,13 +124,13 @@ class AttentionContext:
     def cond_or_uncond(self) -> list[int]:
         return self.forward.cond_or_uncond
 
-    def before_percent(self, percent: float) -> bool:
-        """True while denoising is in its first ``percent`` (sigma above ``percent_to_sigma(percent)``)."""
-        return self.forward.before_percent(percent)
-
 
 class MotionEffect:
     """One feature's contribution. Override what applies; the defaults do nothing."""
+
+    def active_in(self, forward: ForwardState) -> bool:
+        """Whether the effect acts in this model call (asked once per call, e.g. from its sigma)."""
+        return True
 
     def logit_bias(self, ctx: AttentionContext) -> list[QueryGroup] | None:
         """Query groups with key-bias rows added to this call's logits, or None."""
@@ -173,9 +173,18 @@ class ForwardState:
     attention_calls_in_block: int = 0
     block_tokens: int = 0
     joint_video_start: int = 0
+    effects: tuple[MotionEffect, ...] = ()  # those active in this call, in order
+    observers: tuple[MotionEffect, ...] = ()
     _percent_sigmas: dict = field(default_factory=dict)
 
+    def activate(self, patch: MotionDialsPatch) -> bool:
+        """Keep the patch's effects that act in this call; False if none does."""
+        self.effects = tuple(effect for effect in patch.effects if effect.active_in(self))
+        self.observers = tuple(effect for effect in self.effects if effect in patch.observers)
+        return bool(self.effects)
+
     def before_percent(self, percent: float) -> bool:
+        """True while denoising is in its first ``percent`` (sigma above ``percent_to_sigma(percent)``)."""
         threshold = self._percent_sigmas.get(percent)
         if threshold is None:
             threshold = self._percent_sigmas[percent] = float(self.model_sampling.percent_to_sigma(percent))
@@ -256,7 +265,7 @@ def _apply_model_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     base_model = executor.class_obj
     clip_fea = kwargs.get("clip_fea")
-    transformer_options[FORWARD_KEY] = ForwardState(
+    state = ForwardState(
         family=patch.family,
         patch_size=patch.patch_size,
         sigma=float(sigma.flatten()[0]),
@@ -266,6 +275,9 @@ def _apply_model_wrapper(executor, *args, **kwargs):
         latent_grid=tuple(x.shape[-3:]),
         image_context_tokens=clip_fea.shape[-2] if clip_fea is not None else None,
     )
+    if not state.activate(patch):  # e.g. every step past tau: the hooks then pass straight through
+        return executor(*args, **kwargs)
+    transformer_options[FORWARD_KEY] = state
     try:
         return executor(*args, **kwargs)
     finally:
@@ -276,12 +288,11 @@ def _make_block_replace(block_index: int, block_type: str, previous: Callable | 
     def block_replace(args, extra):
         transformer_options = args["transformer_options"]
         state: ForwardState | None = transformer_options.get(FORWARD_KEY)
-        patch: MotionDialsPatch | None = transformer_options.get(PATCH_KEY)
         run_block = extra["original_block"]
         if previous is not None:
             original = run_block
             run_block = lambda block_args: previous(block_args, {"original_block": original})  # noqa: E731
-        if state is None or patch is None:
+        if state is None:
             return run_block(args)
 
         state.block_index, state.block_type = block_index, block_type
@@ -289,7 +300,7 @@ def _make_block_replace(block_index: int, block_type: str, previous: Callable | 
         try:
             out = run_block(args)
             block_ctx = BlockContext(state.family, block_index, block_type, state)
-            for effect in patch.effects:
+            for effect in state.effects:
                 residual = effect.block_residual(block_ctx, args["img"])
                 if residual is not None:
                     out["img"] = out["img"] + residual
@@ -318,18 +329,18 @@ def _attention_override(func, *args, **kwargs):
 
     if ctx.kind is AttentionKind.TEXT_CROSS:
         replaced = None
-        for effect in patch.effects:
+        for effect in state.effects:
             result = effect.replace_cross_attention(ctx, q, k, v, heads, replaced)
             replaced = result if result is not None else replaced
         if replaced is not None:
             return replaced
 
     groups = None
-    for effect in patch.effects:
+    for effect in state.effects:
         effect_groups = effect.logit_bias(ctx)
         if effect_groups is not None:
             groups = effect_groups if groups is None else combine_groups(groups, effect_groups)
-    for effect in patch.observers:
+    for effect in state.observers:
         effect.observe_attention(ctx, q, k, heads, groups or [QueryGroup(0, ctx.layout.query_length)], kwargs)
     if groups is None:
         return attend(q, k, v, heads, *args[4:], **kwargs)

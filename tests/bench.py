@@ -75,6 +75,7 @@ def attention_case(tokens: int, patched: bool, backend: str):
         cond_or_uncond=[0], latent_grid=(frames, height * 2, width * 2),
     )
     patch = MotionDialsPatch(WAN, (1, 2, 2), (DyMoSEffect(1.0, 0.2, "uniform", 1),), None)
+    state.activate(patch)
     options = {PATCH_KEY: patch, FORWARD_KEY: state, "optimized_attention_override": _attention_override}
 
     def call():

@@ -1,15 +1,25 @@
 """Sampling the tiny models in-process with ComfyUI's real loaders, nodes and samplers.
 
-Text and vision encoders cannot be tiny, so their outputs are random tensors of the real shapes;
-everything downstream (WanImageToVideo with the tiny VAE, the model, KSampler) is ComfyUI's own.
+Text and vision encoders cannot be tiny, so the test-fixture nodes (tests/host_fixture) give their
+outputs, as in the server tests; everything downstream (WanImageToVideo with the tiny VAE, the model,
+KSampler) is ComfyUI's own.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 
 import torch
+
+if __package__:  # tests.sampling, from the benchmarks
+    from .host import FIXTURE_NODES
+else:  # from the tests, with tests/ on sys.path
+    from host import FIXTURE_NODES
+
+sys.path.insert(0, str(FIXTURE_NODES))
+from motion_dials_test_fixture import MotionDialsTestClipVision, MotionDialsTestConditioning  # noqa: E402
 
 FRAMES, HEIGHT, WIDTH = 9, 64, 64  # pixels: 3 latent frames of 8 x 8 (Wan) or 4 x 4 (HunyuanVideo 1.5)
 
@@ -17,18 +27,18 @@ FRAMES, HEIGHT, WIDTH = 9, 64, 64  # pixels: 3 latent frames of 8 x 8 (Wan) or 4
 @dataclass(frozen=True)
 class Case:
     model_file: str
-    text_width: int
+    family: str  # of the fixture encoders
     image: str  # how the reference image enters: "wan_clip" (Wan 2.1 I2V), "wan_latent", "none", "hunyuan15"
     latent_channels: int
 
 
 CASES = {
-    "wan2.1_i2v": Case("wan2.1_i2v_480p_14B_fp16.safetensors", 4096, "wan_clip", 16),
-    "wan2.1_t2v": Case("wan2.1_t2v_1.3B_fp16.safetensors", 4096, "none", 16),
-    "wan2.2_i2v_high": Case("wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors", 4096, "wan_latent", 16),
-    "wan2.2_i2v_low": Case("wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors", 4096, "wan_latent", 16),
-    "wan2.2_ti2v_5b": Case("wan2.2_ti2v_5B_fp16.safetensors", 4096, "none", 48),
-    "hunyuan15_i2v": Case("hunyuanvideo1.5_720p_i2v_fp16.safetensors", 3584, "hunyuan15", 32),
+    "wan2.1_i2v": Case("wan2.1_i2v_480p_14B_fp16.safetensors", "wan", "wan_clip", 16),
+    "wan2.1_t2v": Case("wan2.1_t2v_1.3B_fp16.safetensors", "wan", "none", 16),
+    "wan2.2_i2v_high": Case("wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors", "wan", "wan_latent", 16),
+    "wan2.2_i2v_low": Case("wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors", "wan", "wan_latent", 16),
+    "wan2.2_ti2v_5b": Case("wan2.2_ti2v_5B_fp16.safetensors", "wan", "none", 48),
+    "hunyuan15_i2v": Case("hunyuanvideo1.5_720p_i2v_fp16.safetensors", "hunyuan_video_1.5", "hunyuan15", 32),
 }
 
 
@@ -36,14 +46,6 @@ def load_tiny(name: str):
     import nodes
 
     return nodes.UNETLoader().load_unet(CASES[name].model_file, "default")[0]
-
-
-def _clip_vision_output(hidden_states: torch.Tensor, attribute: str):
-    import comfy.clip_vision
-
-    output = comfy.clip_vision.Output()
-    setattr(output, attribute, hidden_states)
-    return output
 
 
 @functools.cache
@@ -56,16 +58,14 @@ def conditioning(name: str):
 
     case = CASES[name]
     generator = torch.Generator().manual_seed(1234)
-    positive = [[torch.randn(1, 8, case.text_width, generator=generator), {}]]
-    negative = [[torch.randn(1, 8, case.text_width, generator=generator), {}]]
+    positive = MotionDialsTestConditioning().encode(case.family, "a red ball rolls across the table", 8)[0]
+    negative = MotionDialsTestConditioning().encode(case.family, "static", 8)[0]
     image = torch.rand(1, HEIGHT, WIDTH, 3, generator=generator)
+    vision = MotionDialsTestClipVision().encode(image, case.family)[0]
 
     if case.image in ("wan_clip", "wan_latent"):
         vae = nodes.VAELoader().load_vae("wan_2.1_vae.safetensors")[0]
-        clip_vision = None
-        if case.image == "wan_clip":
-            hidden_states = torch.randn(1, 257, 1280, generator=generator)  # clip_vision_h's penultimate layer
-            clip_vision = _clip_vision_output(hidden_states, "penultimate_hidden_states")
+        clip_vision = vision if case.image == "wan_clip" else None
         positive, negative, latent = comfy_extras.nodes_wan.WanImageToVideo.execute(
             positive, negative, vae, WIDTH, HEIGHT, FRAMES, 1, start_image=image, clip_vision_output=clip_vision
         ).result
@@ -80,9 +80,7 @@ def conditioning(name: str):
         image_latent[:, :, :1] = torch.randn(samples[:, :, :1].shape, generator=generator)
         mask = torch.ones(1, 1, latent_frames, *samples.shape[-2:])
         mask[:, :, :1] = 0.0
-        vision = _clip_vision_output(torch.randn(1, 16, 1152, generator=generator), "last_hidden_state")
-        extra = {"concat_latent_image": image_latent, "concat_mask": mask, "clip_vision_output": vision,
-                 "pooled_output": torch.zeros(1, 768)}
+        extra = {"concat_latent_image": image_latent, "concat_mask": mask, "clip_vision_output": vision}
         positive = node_helpers.conditioning_set_values(positive, extra)
         negative = node_helpers.conditioning_set_values(negative, extra)
     return positive, negative, {"samples": samples}

@@ -54,7 +54,10 @@ def scaled_values_override(func, q, k, v, heads, **kwargs):
 
 
 def run_override(q, k, v, heads, state, patch, skip_reshape, mask=None):
-    options = {PATCH_KEY: patch, FORWARD_KEY: state}
+    """As in a model call: the APPLY_MODEL wrapper activates the effects, then attention runs."""
+    options = {PATCH_KEY: patch}
+    if state.activate(patch):
+        options[FORWARD_KEY] = state
     kwargs = dict(transformer_options=options, skip_reshape=skip_reshape, mask=mask)
     return _attention_override(COMFY_ATTENTION, q, k, v, heads=heads, **kwargs)
 
