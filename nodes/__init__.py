@@ -4,11 +4,13 @@ from comfy_api.latest import ComfyExtension, io
 
 from .diagnostics import ReferenceAttentionShare
 from .dymos import DyMoSMotionSlider
+from .edg import DareAddDifference, EDGMerge, EDGTimestepSwitch, ModelMergeExtrapolate
 
 
 class MotionDialsExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [DyMoSMotionSlider, ReferenceAttentionShare]
+        return [DyMoSMotionSlider, EDGMerge, EDGTimestepSwitch, ModelMergeExtrapolate, DareAddDifference,
+                ReferenceAttentionShare]
 
 
 async def comfy_entrypoint() -> MotionDialsExtension:

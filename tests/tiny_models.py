@@ -41,7 +41,7 @@ class TinyModel:
     file_name: str  # the standard name in ComfyUI's workflow templates
     family: str
     role: str
-    template: str  # a template of comfyui_workflow_templates that loads this file
+    template: str  # a template of comfyui_workflow_templates that loads this file ("" for none)
     build: str  # key of BUILDERS
     seed: int
 
@@ -59,6 +59,9 @@ MODELS = (
               "video_wan2_2_5B_ti2v", "wan22_ti2v", 5),
     TinyModel("diffusion_models", "hunyuanvideo1.5_720p_i2v_fp16.safetensors", "hunyuan_video_1.5", "i2v",
               "video_hunyuan_video_1.5_720p_i2v", "hunyuan15_i2v", 6),
+    # No template loads a motion fine-tune; this stands in for EDG's theta_sft in workflows/edg_wan21_i2v.
+    TinyModel("diffusion_models", "wan2.1_i2v_480p_14B_motion_finetune_fp16.safetensors", "wan2.1",
+              "i2v motion fine-tune (EDG's theta_sft)", "", "wan21_i2v", 9),
     # A video family Motion Dials does not support, for the clear-error tests.
     TinyModel("diffusion_models", "hunyuan_video_t2v_720p_bf16.safetensors", "hunyuan_video_1.0",
               "t2v (unsupported by Motion Dials)", "hunyuan_video_text_to_video", "hunyuan10_t2v", 8),
