@@ -41,7 +41,7 @@ def test_object_info_lists_the_slider_with_tooltips(server):
     assert "Wan 2.2 I2V A14B strength 0.6" in strength["tooltip"]
 
 
-@pytest.mark.parametrize("name", ["dymos_wan21_i2v", "dymos_wan22_i2v"])
+@pytest.mark.parametrize("name", ["dymos_wan21_i2v", "dymos_wan22_i2v", "edg_wan21_i2v", "edg_switch_wan22_i2v"])
 def test_shipped_workflow_runs_through_the_api(server, name, tmp_path):
     outputs = run_prompt(server, tiny_workflow(name))
     saved = [item for node_out in outputs.values() for item in node_out.get("images", [])]
@@ -69,4 +69,27 @@ def test_unsupported_model_fails_with_a_message_naming_the_supported_families(se
     workflow = tiny_workflow("dymos_wan21_i2v")
     workflow[node_of(workflow, "UNETLoader")]["inputs"]["unet_name"] = "hunyuan_video_t2v_720p_bf16.safetensors"
     with pytest.raises(PromptFailed, match=r"DyMoSMotionSlider.*supports Wan 2\.1 / 2\.2 .* HunyuanVideo 1\.5"):
+        run_prompt(server, workflow)
+
+
+PACK_NODES = ("DyMoSMotionSlider", "EDGMerge", "EDGTimestepSwitch", "MotionDialsModelMergeExtrapolate",
+              "MotionDialsDareAddDifference", "MotionDialsReferenceAttentionShare")
+
+
+@pytest.mark.parametrize("node", PACK_NODES)
+def test_every_node_sits_in_the_pack_category_with_a_tooltip_on_every_input(server, node):
+    info = server.get_json(f"/object_info/{node}")[node]
+    assert info["category"].startswith("Motion Dials")
+    inputs = {**info["input"]["required"], **info["input"].get("optional", {})}
+    assert inputs
+    for name, spec in inputs.items():
+        assert spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
+
+
+def test_switching_between_incompatible_models_fails_before_sampling_with_the_reason(server):
+    workflow = tiny_workflow("edg_switch_wan22_i2v")
+    late_loader = next(node_id for node_id, node in workflow.items() if node["class_type"] == "UNETLoader"
+                       and "low_noise" in node["inputs"]["unet_name"])
+    workflow[late_loader]["inputs"]["unet_name"] = "wan2.1_t2v_1.3B_fp16.safetensors"
+    with pytest.raises(PromptFailed, match=r"EDGTimestepSwitch.*architecture setting 'in_dim'"):
         run_prompt(server, workflow)

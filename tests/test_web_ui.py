@@ -15,7 +15,7 @@ ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SHIPPED = ["dymos_wan21_i2v", "dymos_wan22_i2v", "dymos_hunyuan15_i2v"]
+SHIPPED = ["dymos_wan21_i2v", "dymos_wan22_i2v", "dymos_hunyuan15_i2v", "edg_wan21_i2v", "edg_switch_wan22_i2v"]
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +73,40 @@ def test_shipped_ui_workflow_loads_and_matches_its_api_twin(page, name):
         assert prompt[node_id]["inputs"] == node["inputs"], f"node {node_id} ({node['class_type']})"
 
 
-def test_slider_in_the_web_ui_drives_a_real_run(page, server):
-    object_info = server.get_json("/object_info")
-    tiny = shrink_api(tinyify_api(json.loads((WORKFLOWS / "dymos_wan21_i2v.api.json").read_text())))
-    load_graph(page, api_to_ui(tiny, object_info))
+def load_tiny_graph(page, server, name: str):
+    """The shipped workflow made runnable on the tiny models, loaded into the web UI as a UI-format graph."""
+    tiny = shrink_api(tinyify_api(json.loads((WORKFLOWS / f"{name}.api.json").read_text())))
+    load_graph(page, api_to_ui(tiny, server.get_json("/object_info")))
     assert unknown_node_types(page) == []
     assert not load_problem_shown(page)
+
+
+def queue_from_the_browser(page, server) -> dict:
+    """Press Queue in the web UI; wait for the run to finish and return its history entry (it must succeed)."""
+    done_before = set(server.get_json("/history"))
+    page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+    deadline = time.monotonic() + 120
+    new_entries = {}
+    while time.monotonic() < deadline and not new_entries:
+        time.sleep(0.5)
+        history = server.get_json("/history")
+        new_entries = {k: v for k, v in history.items() if k not in done_before and v["status"].get("completed")}
+    assert new_entries, "the queued prompt did not finish"
+    (entry,) = new_entries.values()
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    return entry
+
+
+@pytest.mark.parametrize("name", ["edg_wan21_i2v", "edg_switch_wan22_i2v"])
+def test_edg_workflow_queued_from_the_web_ui_finishes(page, server, name):
+    load_tiny_graph(page, server, name)
+    entry = queue_from_the_browser(page, server)
+    saved = [item for node_out in entry["outputs"].values() for item in node_out.get("images", [])]
+    assert saved, "the run saved no video"
+
+
+def test_slider_in_the_web_ui_drives_a_real_run(page, server):
+    load_tiny_graph(page, server, "dymos_wan21_i2v")
 
     slider = page.evaluate("""() => {
         const node = window.app.graph._nodes.find((n) => n.type === "DyMoSMotionSlider");
@@ -91,18 +119,7 @@ def test_slider_in_the_web_ui_drives_a_real_run(page, server):
     }""")
     assert slider["type"] == "slider" and slider["before"] == 1.0 and slider["after"] == 1.5
 
-    done_before = set(server.get_json("/history"))
-    page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
-    deadline = time.monotonic() + 120
-    new_entries = {}
-    while time.monotonic() < deadline and not new_entries:
-        time.sleep(0.5)
-        history = server.get_json("/history")
-        new_entries = {k: v for k, v in history.items() if k not in done_before and v["status"].get("completed")}
-    assert new_entries, "the queued prompt did not finish"
-    (entry,) = new_entries.values()
-    assert entry["status"]["status_str"] == "success"
-    executed_prompt = entry["prompt"][2]
+    executed_prompt = queue_from_the_browser(page, server)["prompt"][2]
     assert executed_prompt[str(slider["id"])]["inputs"]["strength"] == 1.5
 
     page.evaluate("""() => {
