@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..models.merge import SEED_LIMIT, consistency_seed, dare_add_difference, edg_consistency, edg_dynamic, extrapolate
+from ..models.merge import (
+    SEED_LIMIT,
+    Dare,
+    consistency_seed,
+    dare_add_difference,
+    edg_consistency,
+    edg_dynamic,
+    extrapolate,
+)
 from .model_switch import MODES, switch_models
 from .weight_merge import Formula, check_same_architecture, merged_clone
 
@@ -68,11 +76,10 @@ class EDGMerge(io.ComfyNode):
     def execute(cls, pretrained, finetuned, dyn_alpha, dyn_beta, con_alpha, con_beta, dare_rate,
                 seed) -> io.NodeOutput:
         check_same_architecture(pretrained, finetuned, ("pretrained", "finetuned"))
-        rate = dict(rate=dare_rate)
         dynamic = merged_clone(pretrained, (finetuned,), Formula(
-            edg_dynamic, dict(alpha=dyn_alpha, beta=dyn_beta, **rate), seed), "EDG Merge (dynamic)")
+            edg_dynamic, dict(alpha=dyn_alpha, beta=dyn_beta), Dare(dare_rate, seed)), "EDG Merge (dynamic)")
         consistency = merged_clone(pretrained, (finetuned,), Formula(
-            edg_consistency, dict(alpha=con_alpha, beta=con_beta, **rate), consistency_seed(seed)),
+            edg_consistency, dict(alpha=con_alpha, beta=con_beta), Dare(dare_rate, consistency_seed(seed))),
             "EDG Merge (consistency)")
         return io.NodeOutput(dynamic, consistency)
 
@@ -128,7 +135,7 @@ class DareAddDifference(io.ComfyNode):
     def execute(cls, target, base, tuned, strength, dare_rate, seed) -> io.NodeOutput:
         check_same_architecture(target, base, ("target", "base"))
         check_same_architecture(target, tuned, ("target", "tuned"))
-        formula = Formula(dare_add_difference, dict(strength=strength, rate=dare_rate), seed)
+        formula = Formula(dare_add_difference, dict(strength=strength), Dare(dare_rate, seed))
         return io.NodeOutput(merged_clone(target, (base, tuned), formula, "DARE Add Difference"))
 
 

@@ -114,6 +114,7 @@ class TimestepSwitch:
         self.mode = mode
         self.window = window
         self._early = None  # the early model's patcher as the sampler loaded it, to load it back if evicted
+        self._late_options_base = None
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                  **kwargs):
@@ -145,10 +146,14 @@ class TimestepSwitch:
             comfy.model_management.load_models_gpu(models)
 
     def _late_options(self, transformer_options: dict) -> dict:
-        options = copy.copy(self.late.model_options.get("transformer_options", {}))
+        """The late model's own transformer options (as a sampler would give them) plus this call's sampler keys."""
+        if self._late_options_base is None:
+            base = copy.copy(self.late.model_options.get("transformer_options", {}))
+            base["wrappers"] = comfy.patcher_extension.copy_nested_dicts(self.late.wrappers)
+            base["callbacks"] = comfy.patcher_extension.copy_nested_dicts(self.late.callbacks)
+            self._late_options_base = base
+        options = dict(self._late_options_base)
         options.update({key: transformer_options[key] for key in SAMPLER_KEYS if key in transformer_options})
-        options["wrappers"] = comfy.patcher_extension.copy_nested_dicts(self.late.wrappers)
-        options["callbacks"] = comfy.patcher_extension.copy_nested_dicts(self.late.callbacks)
         return options
 
 

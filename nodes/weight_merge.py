@@ -18,23 +18,21 @@ import comfy.utils
 import torch
 from comfy.weight_adapter.base import WeightAdapterBase
 
-from ..models.merge import dare_generator
+from ..models.merge import Dare, NonFiniteMergeError, merge_in_place
 
 DIFFUSION_PREFIX = "diffusion_model."
 
 
 @dataclass(frozen=True)
 class Formula:
-    """``math(own weight, *other weights, **params)`` for one key; with a DARE seed, also the key's generator."""
+    """One of the in-place merges of ``models.merge`` with its parameters, and its DARE draw if it has one."""
 
-    math: Callable[..., torch.Tensor]
+    merge: Callable[..., None]
     params: dict = field(default_factory=dict)
-    dare_seed: int | None = None
+    dare: Dare | None = None
 
-    def __call__(self, key: str, *weights: torch.Tensor) -> torch.Tensor:
-        if self.dare_seed is None:
-            return self.math(*weights, **self.params)
-        return self.math(*weights, **self.params, generator=dare_generator(self.dare_seed, key))
+    def __call__(self, key: str, out: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+        return merge_in_place(key, out, others, self.merge, self.params, self.dare)
 
 
 class MergeError(ValueError):
@@ -62,16 +60,22 @@ def check_same_architecture(model, other, names: tuple[str, str]) -> None:
 
 
 def _evaluate(entry: list, device: torch.device, dtype: torch.dtype, key: str) -> torch.Tensor:
-    """A weight from ``ModelPatcher.get_key_patches`` with its own patches applied, as ComfyUI does for merges."""
+    """A weight from ``ModelPatcher.get_key_patches`` with its own patches applied, as ComfyUI does for merges.
+
+    Read only: without patches to apply, the stored tensor itself when it already has the dtype and device.
+    """
     (weight, convert), *patches = entry
-    weight = convert(comfy.model_management.cast_to_device(weight, device, dtype, copy=True), inplace=True)
-    return comfy.lora.calculate_weight(patches, weight, key, intermediate_dtype=dtype) if patches else weight
+    value = convert(comfy.model_management.cast_to_device(weight, device, dtype, copy=bool(patches)),
+                    inplace=bool(patches))
+    return comfy.lora.calculate_weight(patches, value, key, intermediate_dtype=dtype) if patches else value
 
 
 class MergePatch(WeightAdapterBase):
     """The weight patch of one key: ``formula(this model's weight, *the other models' weights)``.
 
-    ``strength`` and ``function`` of the patch apply to the change, as for any ComfyUI diff patch.
+    Computed in the fp32 buffer ComfyUI hands over, so the merge adds only chunk-sized temporaries. A
+    strength other than 1 blends the change in; ``function`` does not apply (ComfyUI sets it only on patches
+    added with one, which these never are).
     """
 
     name = "motion_dials_merge"
@@ -84,12 +88,17 @@ class MergePatch(WeightAdapterBase):
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
         others = [_evaluate(entry, weight.device, intermediate_dtype, key) for entry in self.sources]
-        merged = self.formula(key, weight.to(intermediate_dtype), *others)
-        if not torch.isfinite(merged).all():
+        in_place = weight.is_contiguous() and weight.dtype == intermediate_dtype and strength == 1.0
+        out = weight if in_place else weight.to(intermediate_dtype, copy=True).contiguous()
+        try:
+            self.formula(key, out, *others)
+        except NonFiniteMergeError:
             raise MergeError(
                 f"{self.description} gave NaN or Inf in {key}. Check that both input models are intact "
-                "(a NaN in a checkpoint spreads into the merge) and that the merge factors are not extreme.")
-        weight += function(strength * (merged - weight).to(weight.dtype))
+                "(a NaN in a checkpoint spreads into the merge) and that the merge factors are not extreme."
+            ) from None
+        if not in_place:
+            weight.copy_(torch.lerp(weight.to(intermediate_dtype), out, strength))
         return weight
 
 
@@ -129,7 +138,7 @@ def merged_clone(model, others: tuple, formula: Formula, description: str):
             continue
         # Small (a few per block): merged now, as an object patch ComfyUI applies on load.
         own = _source_entry(model, own_patches, key)
-        weight = _evaluate(own, torch.device("cpu"), torch.float32, key)
+        weight = _evaluate(own, torch.device("cpu"), torch.float32, key).clone()
         value = patch.calculate_weight(weight, key, 1.0, 1.0, None, _unchanged)
         merged.add_object_patch(key, torch.nn.Parameter(value.to(own[0][0].dtype), requires_grad=False))
     merged.add_patches(patches, 1.0, 1.0)

@@ -6,7 +6,16 @@
     (each variant in a fresh process; the peak includes q, k, v, as a GPU's max_memory_allocated would);
 (b) end to end: the tiny Wan 2.1 I2V sampled for 20 steps with tau = 0.2, patched vs unpatched,
     interleaved runs, ratio of medians.
-Prints a table and writes bench-results.json. Goals: (a) time <= 1.08, memory <= 1.05; (b) <= 1.02.
+EDG, same run:
+(c) switch overhead: the tiny Wan 2.2 I2V experts through EDG Timestep Switch vs the high-noise expert
+    alone, 20 steps, both models resident; ratio of medians;
+(d) the cost of one switch between EDG Merge's two models, which share one set of weights: ComfyUI
+    re-patches them (restore, then apply the other model's merge), which is also what a GPU that holds
+    one model pays besides moving it; in seconds and as a fraction of one model call;
+(e) EDG Merge of two models of Wan 1.3B geometry with four blocks (fp16 files, computed in fp32 as
+    ComfyUI patches): time, and peak memory above the two loaded inputs, in units of the largest tensor.
+Prints a table and writes bench-results.json. Goals: (a) time <= 1.08, memory <= 1.05; (b) <= 1.02;
+(c) <= 1.01; (e) extra peak <= one (fp32) tensor.
 """
 
 from __future__ import annotations
@@ -29,10 +38,15 @@ else:  # the memory probe runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from host import REPO, import_host
 
-GOALS = {"attention_time": 1.08, "attention_memory": 1.05, "end_to_end_time": 1.02}
+GOALS = {"attention_time": 1.08, "attention_memory": 1.05, "end_to_end_time": 1.02, "switch_time": 1.01,
+         "merge_extra_tensors": 1.0}
 HEADS, DIM_HEAD = 12, 128
 # Token counts as latent frames x (height/2) x (width/2) of Wan: 4,096 and 16,384 tokens.
 GEOMETRIES = {4096: (16, 16, 16), 16384: (16, 32, 32)}
+# Wan 2.1 1.3B with four blocks, for the merge and switch-cost benchmarks.
+EDG_GEOMETRY = {"dim": 1536, "ffn_dim": 8960, "layers": 4}
+EDG_MODEL_DIR = REPO / ".host" / "bench_models"
+EDG_CALL_TOKENS = (1, 60, 104)  # one latent frame of a 480p (832 x 480) Wan video: 30 x 52 = 1,560 tokens
 # Pairs of attention runs per token count: the large case is 16x slower and its margin wide.
 ATTENTION_PAIRS = {4096: 15, 16384: 3}
 
@@ -94,15 +108,13 @@ def _resident_bytes() -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
-def memory_probe(tokens: int, patched: bool, backend: str) -> int:
-    """Run in a fresh process: peak resident bytes of the call, its inputs included.
+def peak_resident_during(work) -> tuple[int, object]:
+    """Run ``work()``; return the peak resident bytes while it ran (sampled by a thread) and its result.
 
-    The parent sets MALLOC_MMAP_THRESHOLD_ so every large tensor is its own mapping, returned to the
-    system when freed: the resident size then follows the live tensors, sampled by a thread.
+    Meant for a fresh process started by ``run_probe``: it sets MALLOC_MMAP_THRESHOLD_ so every large
+    tensor is its own mapping, returned to the system when freed, and the resident size then follows the
+    live tensors.
     """
-    import_host()
-    before_inputs = _resident_bytes()
-    call = attention_case(tokens, patched, backend)
     peak = _resident_bytes()
     done = threading.Event()
 
@@ -114,19 +126,34 @@ def memory_probe(tokens: int, patched: bool, backend: str) -> int:
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    call()
-    done.set()
-    sampler.join()
+    try:
+        result = work()
+    finally:
+        done.set()
+        sampler.join()
+    return peak, result
+
+
+def run_probe(*args: str) -> str:
+    """This file's hidden ``--probe`` in a fresh process; its last line of output."""
+    result = subprocess.run(
+        [sys.executable, __file__, "--probe", *args], capture_output=True, text=True, check=True, cwd=REPO,
+        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
+    )
+    return result.stdout.strip().splitlines()[-1]
+
+
+def attention_memory_probe(tokens: int, patched: bool, backend: str) -> int:
+    """Peak resident bytes of one attention call, its inputs included."""
+    import_host()
+    before_inputs = _resident_bytes()
+    call = attention_case(tokens, patched, backend)
+    peak, _ = peak_resident_during(call)
     return peak - before_inputs
 
 
 def measure_memory(tokens: int, patched: bool, backend: str) -> int:
-    result = subprocess.run(
-        [sys.executable, __file__, "--memory-probe", str(tokens), "patched" if patched else "unpatched", backend],
-        capture_output=True, text=True, check=True, cwd=REPO,
-        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
-    )
-    return int(result.stdout.strip().splitlines()[-1])
+    return int(run_probe("attention", str(tokens), "patched" if patched else "unpatched", backend))
 
 
 def timed_pairs(baseline, candidate, pairs: int) -> dict:
@@ -202,22 +229,154 @@ def bench_end_to_end(pairs: int) -> dict:
     }
 
 
+def edg_model_files() -> tuple[Path, Path]:
+    """Two random fp16 checkpoints of Wan 1.3B geometry with four blocks (pretrained, fine-tuned), made once."""
+    files = (EDG_MODEL_DIR / "wan_1.3B_4_blocks_pretrained.safetensors",
+             EDG_MODEL_DIR / "wan_1.3B_4_blocks_finetuned.safetensors")
+    if all(path.exists() for path in files):
+        return files
+    import torch
+    from safetensors.torch import save_file
+
+    if __package__:
+        from .tiny_models import _wan, random_state_dict
+    else:
+        from tiny_models import _wan, random_state_dict
+
+    EDG_MODEL_DIR.mkdir(parents=True, exist_ok=True)
+    for seed, path in enumerate(files, start=21):
+        state = random_state_dict(_wan("t2v", 16, 16, **EDG_GEOMETRY, device="meta"), seed, torch.float16)
+        save_file(state, str(path))
+    return files
+
+
+def load_checkpoint(path: Path):
+    import comfy.sd
+
+    return comfy.sd.load_diffusion_model(str(path))
+
+
+def merge_probe(pretrained: str, finetuned: str) -> dict:
+    """EDG Merge of two loaded models, every merged tensor computed the way ComfyUI does when it loads or
+    saves them (``patch_weight_to_device``: an fp32 copy, the patches, back to the stored dtype)."""
+    import_host()
+    import comfy.lora
+    import comfy.utils
+    import torch
+
+    from motion_dials.nodes.edg import EDGMerge
+
+    pre, sft = load_checkpoint(Path(pretrained)), load_checkpoint(Path(finetuned))
+    before = _resident_bytes()
+
+    def merge():
+        start = time.perf_counter()
+        for merged in EDGMerge.execute(pre, sft, 0.25, 0.75, 1.0, 0.25, 0.7, 0).result:
+            for key, patches in merged.patches.items():
+                weight = comfy.utils.get_attr(merged.model, key)
+                value = comfy.lora.calculate_weight(patches, weight.to(torch.float32, copy=True), key)
+                del value
+        return time.perf_counter() - start
+
+    peak, seconds = peak_resident_during(merge)
+    largest = max(tensor.numel() for tensor in pre.model.state_dict().values()) * 4
+    return {"seconds": seconds, "extra_peak_bytes": peak - before, "largest_fp32_tensor_bytes": largest,
+            "inputs_bytes": pre.model_size() + sft.model_size()}
+
+
+def bench_merge() -> dict:
+    pretrained, finetuned = edg_model_files()
+    result = json.loads(run_probe("merge", str(pretrained), str(finetuned)))
+    result["extra_peak_tensors"] = result["extra_peak_bytes"] / result["largest_fp32_tensor_bytes"]
+    return {"bench": "EDG Merge, Wan 1.3B geometry, 4 blocks", **result}
+
+
+def bench_switch_cost(repeats: int) -> dict:
+    """Switching between EDG Merge's two models (one shared set of weights): ComfyUI re-patches them."""
+    import comfy.model_management
+    import torch
+
+    from motion_dials.nodes.edg import EDGMerge
+
+    pre, sft = (load_checkpoint(path) for path in edg_model_files())
+    dynamic, consistency = EDGMerge.execute(pre, sft, 0.25, 0.75, 1.0, 0.25, 0.7, 0).result
+    comfy.model_management.load_models_gpu([dynamic])
+    switches = []
+    for model in [consistency, dynamic] * repeats:
+        start = time.perf_counter()
+        comfy.model_management.load_models_gpu([model])
+        switches.append(time.perf_counter() - start)
+
+    frames, height, width = EDG_CALL_TOKENS
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, frames, height, width, generator=generator)
+    context = torch.randn(1, 512, 4096, generator=generator)
+    sigma = torch.tensor([0.5])
+
+    def one_call():
+        with torch.inference_mode():
+            dynamic.model.apply_model(x, sigma, c_crossattn=context)
+
+    comfy.model_management.load_models_gpu([dynamic])
+    one_call()
+    calls = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        one_call()
+        calls.append(time.perf_counter() - start)
+    switch_s, call_s = statistics.median(switches), statistics.median(calls)
+    return {"bench": "one switch between EDG Merge's models", "switch_s": switch_s, "model_call_s": call_s,
+            "call_tokens": frames * height * width // 4, "switch_in_calls": switch_s / call_s}
+
+
+def bench_switch_overhead(pairs: int) -> dict:
+    import comfy.model_management
+    import torch
+
+    from motion_dials.nodes.edg import EDGTimestepSwitch
+
+    from .sampling import load_tiny, sample_tiny
+
+    case = "wan2.2_i2v_high"
+    early, late = load_tiny("wan2.2_i2v_high"), load_tiny("wan2.2_i2v_low")
+    switched = EDGTimestepSwitch.execute(early, late, 0.5, "hard switch").result[0]
+    comfy.model_management.load_models_gpu([early, late])
+
+    def sampler(model):
+        def run():
+            with torch.inference_mode():
+                sample_tiny(case, model, steps=20)
+        return run
+
+    timing = timed_pairs(sampler(early), sampler(switched), pairs)
+    return {"bench": "tiny Wan 2.2 I2V, 20 steps, switched vs one model", "one_model_s": timing["baseline_s"],
+            "switched_s": timing["candidate_s"], "time_ratio": timing["ratio_of_medians"],
+            "pair_ratio": timing["pair_ratio"]}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply the number of timed runs (0.3 for a quick, noisier look)")
-    parser.add_argument("--memory-probe", nargs=3, metavar=("TOKENS", "VARIANT", "BACKEND"), help=argparse.SUPPRESS)
+    parser.add_argument("--probe", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(REPO / "bench-results.json"))
     args = parser.parse_args()
-    if args.memory_probe:
-        tokens, variant, backend = args.memory_probe
-        print(memory_probe(int(tokens), variant == "patched", backend))
+    if args.probe:
+        kind, *probe_args = args.probe
+        if kind == "attention":
+            tokens, variant, backend = probe_args
+            print(attention_memory_probe(int(tokens), variant == "patched", backend))
+        else:
+            print(json.dumps(merge_probe(*probe_args)))
         return
 
     import_host()
     register_tiny_models()
     attention_rows = bench_attention(args.scale)
     end_to_end = bench_end_to_end(max(3, round(10 * args.scale)))
+    switch_overhead = bench_switch_overhead(max(3, round(10 * args.scale)))
+    switch_cost = bench_switch_cost(max(3, round(5 * args.scale)))
+    merge = bench_merge()
 
     print(f"{'benchmark':<40} {'unpatched':>10} {'patched':>10} {'time':>7} {'(quartiles)':>13} {'goal':>6}  "
           f"{'memory':>7} {'goal':>6}")
@@ -228,11 +387,24 @@ def main():
               f"{row['memory_ratio']:>7.3f} {GOALS['attention_memory']:>6}")
     print(f"{end_to_end['bench']:<40} {end_to_end['unpatched_s']:>9.3f}s {end_to_end['patched_s']:>9.3f}s "
           f"{end_to_end['time_ratio']:>7.3f} {'':>13} {GOALS['end_to_end_time']:>6}")
-    within = all(r["time_ratio"] <= GOALS["attention_time"] and r["memory_ratio"] <= GOALS["attention_memory"]
-                 for r in attention_rows) and end_to_end["time_ratio"] <= GOALS["end_to_end_time"]
+    print(f"{switch_overhead['bench']:<40} {switch_overhead['one_model_s']:>9.3f}s "
+          f"{switch_overhead['switched_s']:>9.3f}s {switch_overhead['time_ratio']:>7.3f} {'':>13} "
+          f"{GOALS['switch_time']:>6}")
+    print(f"\n{switch_cost['bench']}: {switch_cost['switch_s']:.3f} s = {switch_cost['switch_in_calls']:.2f} model "
+          f"calls ({switch_cost['call_tokens']} tokens, {switch_cost['model_call_s']:.3f} s each), Wan 1.3B geometry, "
+          "4 blocks")
+    print(f"{merge['bench']}: {merge['seconds']:.2f} s; peak {merge['extra_peak_bytes'] / 2**20:.0f} MiB above the "
+          f"two inputs ({merge['inputs_bytes'] / 2**20:.0f} MiB) = {merge['extra_peak_tensors']:.2f} x the largest "
+          f"fp32 tensor ({merge['largest_fp32_tensor_bytes'] / 2**20:.0f} MiB); goal <= "
+          f"{GOALS['merge_extra_tensors']}")
+    within = (all(r["time_ratio"] <= GOALS["attention_time"] and r["memory_ratio"] <= GOALS["attention_memory"]
+                  for r in attention_rows) and end_to_end["time_ratio"] <= GOALS["end_to_end_time"]
+              and switch_overhead["time_ratio"] <= GOALS["switch_time"]
+              and merge["extra_peak_tensors"] <= GOALS["merge_extra_tensors"])
     print("all within goals" if within else "SOME RATIOS ARE OUTSIDE THEIR GOALS")
-    Path(args.out).write_text(json.dumps({"goals": GOALS, "attention": attention_rows, "end_to_end": end_to_end},
-                                         indent=2))
+    Path(args.out).write_text(json.dumps({
+        "goals": GOALS, "attention": attention_rows, "end_to_end": end_to_end, "switch_overhead": switch_overhead,
+        "switch_cost": switch_cost, "merge": merge}, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from sampling import conditioning, load_tiny, sample_tiny
 
-from motion_dials.models.merge import dare_generator
+from motion_dials.models.merge import CHUNK, dare_generator
 from motion_dials.nodes.edg import DareAddDifference, EDGMerge, EDGTimestepSwitch, ModelMergeExtrapolate
 from motion_dials.nodes.model_switch import SwitchError
 from motion_dials.nodes.weight_merge import MergeError
@@ -52,10 +52,12 @@ def edg_merge(pre, sft, seed=7, **overrides):
 # ---- the merge -------------------------------------------------------------------------------------------
 
 def dare_reference(delta, rate, seed, key):
-    """DARE as REFERENCE section 2 words it, with the pack's per-key seeding."""
+    """DARE as REFERENCE section 2 words it, with the pack's mask stream (drawn per chunk of the flat tensor)."""
     if delta.ndim <= 1:
         return delta
-    keep = torch.rand(delta.shape, generator=dare_generator(seed, key)) >= rate
+    draws = [torch.rand(min(CHUNK, delta.numel() - start), generator=dare_generator(seed, key, chunk))
+             for chunk, start in enumerate(range(0, delta.numel(), CHUNK))]
+    keep = torch.cat(draws).view(delta.shape) >= rate
     return torch.where(keep, delta / (1 - rate), torch.zeros_like(delta))
 
 

@@ -70,19 +70,20 @@ MODELS = (
 )
 
 
-def _wan(model_type: str, in_dim: int, out_dim: int):
+def _wan(model_type: str, in_dim: int, out_dim: int, *, dim: int = WIDTH, ffn_dim: int = WAN_FFN,
+         layers: int = BLOCKS, device=None):
     """Wan 2.1 / 2.2: in_dim 16 (t2v), 36 (16 noise + 16 image latent + 4 mask) or 48 (TI2V 5B latent).
 
     model_type "i2v" adds img_emb (the CLIP-vision branch of Wan 2.1 I2V); Wan 2.2 has none, the image
-    reaches it only through the input channels.
+    reaches it only through the input channels. The benchmarks build larger ones (dim, ffn_dim, layers).
     """
     import comfy.ldm.wan.model
     import comfy.ops
 
     return comfy.ldm.wan.model.WanModel(
-        model_type=model_type, patch_size=(1, 2, 2), in_dim=in_dim, dim=WIDTH, ffn_dim=WAN_FFN, freq_dim=256,
-        text_dim=4096, out_dim=out_dim, num_heads=WIDTH // 128, num_layers=BLOCKS, qk_norm=True,
-        cross_attn_norm=True, eps=1e-6, operations=comfy.ops.disable_weight_init,
+        model_type=model_type, patch_size=(1, 2, 2), in_dim=in_dim, dim=dim, ffn_dim=ffn_dim, freq_dim=256,
+        text_dim=4096, out_dim=out_dim, num_heads=dim // 128, num_layers=layers, qk_norm=True,
+        cross_attn_norm=True, eps=1e-6, operations=comfy.ops.disable_weight_init, device=device,
     )
 
 
