@@ -134,7 +134,8 @@ class TimestepSwitch:
 
     def _early_patcher(self, early_model):
         for patcher in comfy.model_management.loaded_models():
-            if patcher.model is early_model and patcher is not self.late:
+            # None: ComfyUI keeps weak references, and a collected patcher's entry stays until it cleans up.
+            if patcher is not None and patcher.model is early_model and patcher is not self.late:
                 self._early = patcher
         return self._early
 

@@ -132,6 +132,21 @@ def test_merge_and_sampling_leave_the_input_models_unchanged(pair):
     assert all(torch.equal(tensor, sft_sd[key]) for key, tensor in loaded_state(sft).items())
 
 
+def test_merged_models_save_with_comfyuis_model_save_node(pair, tmp_path):
+    import comfy.sd
+    from comfy_extras.nodes_model_merging import ModelSave
+
+    dynamic = edg_merge(pair[0], pair[1])[0]
+    saver = ModelSave()
+    saver.output_dir = str(tmp_path)
+    saver.save(dynamic, "edg/dynamic")
+    (saved,) = (tmp_path / "edg").glob("dynamic*.safetensors")
+    reloaded = plain_state(comfy.sd.load_diffusion_model(str(saved)))
+    expected = loaded_state(dynamic)
+    assert reloaded.keys() == expected.keys()
+    assert all(torch.equal(reloaded[key], expected[key]) for key in expected)
+
+
 def test_mismatched_architectures_name_the_first_key_and_both_shapes(tiny_models, pair):
     pre = pair[0]
     t2v = load_tiny("wan2.1_t2v")  # 16 input channels where the I2V model has 36
@@ -310,3 +325,18 @@ def test_switch_rejects_models_that_cannot_share_a_run(pair, tiny_models):
 def test_switch_mode_is_validated():
     assert EDGTimestepSwitch.validate_inputs("hard switch") is True
     assert "choose one of" in EDGTimestepSwitch.validate_inputs("soft")
+
+
+def test_each_model_keeps_its_own_attention_patches(pair):
+    """DyMoS on the late model only: the switch runs it on the late steps exactly as a chained sampler does."""
+    from motion_dials.nodes.dymos import DyMoSMotionSlider
+
+    early = pair[0]
+    late = DyMoSMotionSlider.execute(pair[1], 2.0, 1.0, "uniform", 1).result[0]  # tau 1: active on every step
+    boundary = boundary_between(early, SPLIT)
+    switched = sample_tiny(CASE, switch(early, late, boundary), STEPS)
+    first = sample_tiny(CASE, early, STEPS, last_step=SPLIT)
+    chained = sample_tiny(CASE, late, STEPS, start_step=SPLIT, latent={"samples": first})
+    torch.testing.assert_close(switched, chained, rtol=0, atol=1e-5)
+    without_slider = sample_tiny(CASE, switch(early, pair[1], boundary), STEPS)
+    assert (switched - without_slider).abs().max() > 1e-4

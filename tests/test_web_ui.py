@@ -97,12 +97,29 @@ def queue_from_the_browser(page, server) -> dict:
     return entry
 
 
+def screenshot_around(page, node_type: str, file_name: str, scale: float = 1.3, at=(350, 150)):
+    """Zoom the canvas so a node's corner sits at screen point ``at``; keep a screenshot in test-artifacts/."""
+    page.evaluate("""([nodeType, scale, at]) => {
+        const canvas = window.app.canvas;
+        const node = window.app.graph._nodes.find((n) => n.type === nodeType);
+        canvas.ds.scale = scale;
+        canvas.ds.offset = [-node.pos[0] + at[0] / scale, -node.pos[1] + at[1] / scale];
+        canvas.setDirty(true, true);
+    }""", [node_type, scale, at])
+    page.wait_for_timeout(300)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / file_name))
+    assert (ARTIFACTS / file_name).stat().st_size > 10_000
+
+
 @pytest.mark.parametrize("name", ["edg_wan21_i2v", "edg_switch_wan22_i2v"])
 def test_edg_workflow_queued_from_the_web_ui_finishes(page, server, name):
     load_tiny_graph(page, server, name)
     entry = queue_from_the_browser(page, server)
     saved = [item for node_out in entry["outputs"].values() for item in node_out.get("images", [])]
     assert saved, "the run saved no video"
+    if name == "edg_wan21_i2v":
+        screenshot_around(page, "EDGTimestepSwitch", "web_ui_edg.png", scale=0.8, at=(1000, 300))
 
 
 def test_slider_in_the_web_ui_drives_a_real_run(page, server):
@@ -122,14 +139,4 @@ def test_slider_in_the_web_ui_drives_a_real_run(page, server):
     executed_prompt = queue_from_the_browser(page, server)["prompt"][2]
     assert executed_prompt[str(slider["id"])]["inputs"]["strength"] == 1.5
 
-    page.evaluate("""() => {
-        const canvas = window.app.canvas;
-        const node = window.app.graph._nodes.find((n) => n.type === "DyMoSMotionSlider");
-        canvas.ds.scale = 1.3;
-        canvas.ds.offset = [-node.pos[0] + 350, -node.pos[1] + 150];
-        canvas.setDirty(true, true);
-    }""")
-    page.wait_for_timeout(300)
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "web_ui_dymos.png"))
-    assert (ARTIFACTS / "web_ui_dymos.png").stat().st_size > 10_000
+    screenshot_around(page, "DyMoSMotionSlider", "web_ui_dymos.png")
