@@ -126,7 +126,7 @@ def test_merge_and_sampling_leave_the_input_models_unchanged(pair):
     pre, sft, pre_sd, sft_sd = pair
     before = fingerprint(pre), fingerprint(sft)
     dynamic, consistency = edg_merge(pre, sft)
-    sample_tiny(CASE, EDGTimestepSwitch.execute(dynamic, consistency, 0.5, "hard switch").result[0], 2)
+    sample_tiny(CASE, switch(dynamic, consistency, 0.5), 2)
     assert (fingerprint(pre), fingerprint(sft)) == before
     assert all(torch.equal(tensor, pre_sd[key]) for key, tensor in loaded_state(pre).items())
     assert all(torch.equal(tensor, sft_sd[key]) for key, tensor in loaded_state(sft).items())
@@ -205,33 +205,46 @@ def switch(early, late, boundary, mode="hard switch", window=0.2):
     return EDGTimestepSwitch.execute(early, late, boundary, mode, window).result[0]
 
 
+def switched_and_chained(early, late, sampler="euler"):
+    """The latent of one sampler run through the switch, and of two chained KSamplerAdvanced-style runs."""
+    switched = sample_tiny(CASE, switch(early, late, boundary_between(early, SPLIT)), STEPS, sampler=sampler)
+    first = sample_tiny(CASE, early, STEPS, sampler=sampler, last_step=SPLIT)
+    chained = sample_tiny(CASE, late, STEPS, sampler=sampler, start_step=SPLIT, latent={"samples": first})
+    return switched, chained
+
+
 def test_hard_switch_equals_two_chained_samplers_with_euler(early_late):
-    early, late = early_late
-    boundary = boundary_between(early, SPLIT)
-    switched = sample_tiny(CASE, switch(early, late, boundary), STEPS, sampler="euler")
-    first = sample_tiny(CASE, early, STEPS, sampler="euler", last_step=SPLIT)
-    chained = sample_tiny(CASE, late, STEPS, sampler="euler", start_step=SPLIT, latent={"samples": first})
+    switched, chained = switched_and_chained(*early_late)
     torch.testing.assert_close(switched, chained, rtol=0, atol=1e-5)
+
+
+def record_switched_run(early, late, boundary, mode="hard switch", window=0.2) -> list:
+    """Sample through the switch; the log of (model, sigma, weight-patch uuid) of every model call."""
+    log = []
+    sample_tiny(CASE, switch(recording(early, "early", log), recording(late, "late", log), boundary, mode, window),
+                STEPS)
+    return log
+
+
+def models_by_step(log) -> list[set]:
+    """Which models answered at each step's sigma."""
+    answered = {}
+    for name, sigma, _ in log:
+        answered.setdefault(sigma, set()).add(name)
+    return [answered[sigma] for sigma in sorted(answered, reverse=True)]
 
 
 def test_each_model_answers_exactly_its_side_of_the_boundary(early_late):
     early, late = early_late
-    log = []
-    boundary = boundary_between(early, SPLIT)
-    sample_tiny(CASE, switch(recording(early, "early", log), recording(late, "late", log), boundary), STEPS)
-    sigmas = [round(float(s), 6) for s in sigmas_of(early)[:-1]]
-    answered = {}
-    for name, sigma, _ in log:
-        answered.setdefault(sigma, set()).add(name)
-    assert answered == {sigma: {"early"} if i < SPLIT else {"late"} for i, sigma in enumerate(sigmas)}
+    log = record_switched_run(early, late, boundary_between(early, SPLIT))
+    assert len(models_by_step(log)) == STEPS
+    assert models_by_step(log) == [{"early"} if i < SPLIT else {"late"} for i in range(STEPS)]
 
 
 def test_hard_switch_patches_shared_weights_once_per_switch(pair):
     """The two EDG models share one module: it is re-patched at the switch and at no other step."""
-    log = []
     dynamic, consistency = edg_merge(pair[0], pair[1])
-    sample_tiny(CASE, switch(recording(dynamic, "early", log), recording(consistency, "late", log),
-                             boundary_between(dynamic, SPLIT)), STEPS)
+    log = record_switched_run(dynamic, consistency, boundary_between(dynamic, SPLIT))
     uuids = [uuid for _, _, uuid in log]
     changes = sum(1 for before, after in zip(uuids, uuids[1:], strict=False) if before != after)
     assert changes == 1 and uuids[0] != uuids[-1]
@@ -239,19 +252,14 @@ def test_hard_switch_patches_shared_weights_once_per_switch(pair):
 
 def test_blend_runs_both_models_inside_the_window_without_re_patching(early_late):
     early, late = early_late
-    log = []
     sigmas = sigmas_of(early)
     sampling = early.get_model_object("model_sampling")
     fractions = [float(sampling.timestep(sigmas[i : i + 1])) / 1000 for i in range(STEPS)]
     boundary = boundary_between(early, SPLIT)
     window = 2 * (fractions[SPLIT - 1] - boundary) + 1e-3  # covers exactly the two steps next to the boundary
-    sample_tiny(CASE, switch(recording(early, "early", log), recording(late, "late", log), boundary, "blend",
-                             window), STEPS)
-    answered = {}
-    for name, sigma, _ in log:
-        answered.setdefault(sigma, set()).add(name)
+    log = record_switched_run(early, late, boundary, "blend", window)
     expected = [{"early"} if i < SPLIT - 1 else {"early", "late"} if i < SPLIT + 1 else {"late"} for i in range(STEPS)]
-    assert [answered[round(float(s), 6)] for s in sigmas[:-1]] == expected
+    assert models_by_step(log) == expected
     uuids_by_model = {}
     for name, _, uuid in log:
         uuids_by_model.setdefault(name, set()).add(uuid)
@@ -305,10 +313,7 @@ def reference_dpmpp_2m_over_two_models(early, late, split):
 
 def test_dpmpp_2m_keeps_its_history_across_the_switch(early_late):
     early, late = early_late
-    boundary = boundary_between(early, SPLIT)
-    switched = sample_tiny(CASE, switch(early, late, boundary), STEPS, sampler="dpmpp_2m")
-    first = sample_tiny(CASE, early, STEPS, sampler="dpmpp_2m", last_step=SPLIT)
-    chained = sample_tiny(CASE, late, STEPS, sampler="dpmpp_2m", start_step=SPLIT, latent={"samples": first})
+    switched, chained = switched_and_chained(early, late, "dpmpp_2m")
     reference = reference_dpmpp_2m_over_two_models(early, late, SPLIT)
     torch.testing.assert_close(switched, reference, rtol=0, atol=1e-5)
     assert (switched - chained).abs().max() > 1e-3, "a restarted sampler loses its history; one run keeps it"
@@ -333,10 +338,7 @@ def test_each_model_keeps_its_own_attention_patches(pair):
 
     early = pair[0]
     late = DyMoSMotionSlider.execute(pair[1], 2.0, 1.0, "uniform", 1).result[0]  # tau 1: active on every step
-    boundary = boundary_between(early, SPLIT)
-    switched = sample_tiny(CASE, switch(early, late, boundary), STEPS)
-    first = sample_tiny(CASE, early, STEPS, last_step=SPLIT)
-    chained = sample_tiny(CASE, late, STEPS, start_step=SPLIT, latent={"samples": first})
+    switched, chained = switched_and_chained(early, late)
     torch.testing.assert_close(switched, chained, rtol=0, atol=1e-5)
-    without_slider = sample_tiny(CASE, switch(early, pair[1], boundary), STEPS)
+    without_slider = sample_tiny(CASE, switch(early, pair[1], boundary_between(early, SPLIT)), STEPS)
     assert (switched - without_slider).abs().max() > 1e-4
