@@ -41,7 +41,7 @@ $(VENV)/.deps: $(VENV)/.torch pyproject.toml requirements-dev.txt
 	$(PIP) install --quiet -r requirements-dev.txt
 	touch $@
 
-$(TINY_DIR)/.done: tests/tiny_models.py | $(VENV)/.host
+$(TINY_DIR)/.done: tests/tiny_models.py models/miva.py | $(VENV)/.host
 	$(PY) -m tests.tiny_models --out $(TINY_DIR)
 	touch $@
 

@@ -5,12 +5,13 @@ from comfy_api.latest import ComfyExtension, io
 from .diagnostics import ReferenceAttentionShare
 from .dymos import DyMoSMotionSlider
 from .edg import DareAddDifference, EDGMerge, EDGTimestepSwitch, ModelMergeExtrapolate
+from .miva import NODES as MIVA_NODES
 
 
 class MotionDialsExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [DyMoSMotionSlider, EDGMerge, EDGTimestepSwitch, ModelMergeExtrapolate, DareAddDifference,
-                ReferenceAttentionShare]
+                *MIVA_NODES, ReferenceAttentionShare]
 
 
 async def comfy_entrypoint() -> MotionDialsExtension:

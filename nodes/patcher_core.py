@@ -140,8 +140,12 @@ class MotionEffect:
         """For text cross-attention: a replacement for ``previous`` (the output so far), or None."""
         return None
 
+    # True for an effect whose block_residual reads the block's video self-attention keys and values
+    # (BlockContext.self_attention_kv); the core then keeps them until the block ends.
+    uses_self_attention_kv = False
+
     def block_residual(self, ctx: BlockContext, block_input: torch.Tensor) -> torch.Tensor | None:
-        """A tensor added to the block's video output, computed from its input, or None."""
+        """A tensor added to the block's output (all its tokens), computed from its input, or None."""
         return None
 
     def observe_attention(self, ctx: AttentionContext, q, k, heads, groups: list[QueryGroup], attention_kwargs):
@@ -154,6 +158,9 @@ class BlockContext:
     block_index: int
     block_type: str
     forward: ForwardState
+    block_args: dict  # what the block was called with (Wan: img, txt, vec, pe, transformer_options)
+    self_attention_kv: tuple[torch.Tensor, torch.Tensor] | None  # the base's keys and values, [B, N, d] each
+    self_attention_layout: TokenLayout | None
 
 
 @dataclass
@@ -168,6 +175,8 @@ class ForwardState:
     cond_or_uncond: list[int]
     latent_grid: tuple[int, int, int]  # latent frames, height, width before patching
     image_context_tokens: int | None = None  # CLIP-vision tokens of a Wan 2.1 I2V call
+    sigmas: torch.Tensor | None = None  # one per batch entry
+    diffusion_model: torch.nn.Module | None = None
     block_index: int | None = None
     block_type: str = ""
     attention_calls_in_block: int = 0
@@ -175,12 +184,17 @@ class ForwardState:
     joint_video_start: int = 0
     effects: tuple[MotionEffect, ...] = ()  # those active in this call, in order
     observers: tuple[MotionEffect, ...] = ()
+    keep_self_attention_kv: bool = False
+    self_attention_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+    self_attention_layout: TokenLayout | None = None
+    memo: dict = field(default_factory=dict)  # what an effect computes once per model call (keyed by the effect)
     _percent_sigmas: dict = field(default_factory=dict)
 
     def activate(self, patch: MotionDialsPatch) -> bool:
         """Keep the patch's effects that act in this call; False if none does."""
         self.effects = tuple(effect for effect in patch.effects if effect.active_in(self))
         self.observers = tuple(effect for effect in self.effects if effect in patch.observers)
+        self.keep_self_attention_kv = any(effect.uses_self_attention_kv for effect in self.effects)
         return bool(self.effects)
 
     def before_percent(self, percent: float) -> bool:
@@ -269,8 +283,10 @@ def _apply_model_wrapper(executor, *args, **kwargs):
         family=patch.family,
         patch_size=patch.patch_size,
         sigma=float(sigma.flatten()[0]),
+        sigmas=sigma.flatten(),
         device=x.device,
         model_sampling=base_model.model_sampling,
+        diffusion_model=base_model.diffusion_model,
         cond_or_uncond=list(transformer_options.get("cond_or_uncond", [])),
         latent_grid=tuple(x.shape[-3:]),
         image_context_tokens=clip_fea.shape[-2] if clip_fea is not None else None,
@@ -299,7 +315,8 @@ def _make_block_replace(block_index: int, block_type: str, previous: Callable | 
         state.attention_calls_in_block, state.block_tokens = 0, args["img"].shape[1]
         try:
             out = run_block(args)
-            block_ctx = BlockContext(state.family, block_index, block_type, state)
+            block_ctx = BlockContext(state.family, block_index, block_type, state, args, state.self_attention_kv,
+                                     state.self_attention_layout)
             for effect in state.effects:
                 residual = effect.block_residual(block_ctx, args["img"])
                 if residual is not None:
@@ -307,6 +324,7 @@ def _make_block_replace(block_index: int, block_type: str, previous: Callable | 
             return out
         finally:
             state.block_index = None
+            state.self_attention_kv = state.self_attention_layout = None
 
     return block_replace
 
@@ -326,6 +344,8 @@ def _attention_override(func, *args, **kwargs):
     ctx = state.classify(q, k, kwargs.get("skip_reshape", False))
     if ctx is None:
         return attend(q, k, v, heads, *args[4:], **kwargs)
+    if ctx.kind is AttentionKind.VIDEO_SELF and state.keep_self_attention_kv:
+        state.self_attention_kv, state.self_attention_layout = (k, v), ctx.layout
 
     if ctx.kind is AttentionKind.TEXT_CROSS:
         replaced = None

@@ -55,7 +55,7 @@ def register_tiny_models():
     """Point ComfyUI's model folders at the generated tiny models (in this process)."""
     import folder_paths
 
-    for kind in ("diffusion_models", "vae", "text_encoders", "clip_vision"):
+    for kind in ("diffusion_models", "vae", "text_encoders", "clip_vision", "miva"):
         folder = TINY_MODELS / kind
         if folder.is_dir():
             folder_paths.add_model_folder_path(kind, str(folder), is_default=True)
@@ -69,6 +69,7 @@ def write_extra_model_paths(directory: Path) -> Path:
         f"    base_path: {TINY_MODELS}\n"
         "    diffusion_models: diffusion_models\n"
         "    vae: vae\n"
+        "    miva: miva\n"
         f"    custom_nodes: {FIXTURE_NODES}\n"
     )
     return config

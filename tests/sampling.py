@@ -97,3 +97,16 @@ def sample_tiny(name: str, model, steps: int = 3, *, seed: int = 0, cfg: float =
         start_step=start_step, last_step=last_step, force_full_denoise=last_step is None,
         disable_noise=start_step not in (None, 0),
     )[0]["samples"]
+
+
+def sigmas_of(model, steps: int) -> torch.Tensor:
+    import comfy.samplers
+
+    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps)
+
+
+def boundary_between(model, step: int, steps: int) -> float:
+    """An EDG boundary that makes the switch happen right before ``step`` (its sigma is the first late one)."""
+    sampling, sigmas = model.get_model_object("model_sampling"), sigmas_of(model, steps)
+    above, below = (float(sampling.timestep(sigmas[i : i + 1])) / 1000 for i in (step - 1, step))
+    return (above + below) / 2

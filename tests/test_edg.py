@@ -12,7 +12,7 @@ import comfy.sample
 import comfy.samplers
 import pytest
 import torch
-from sampling import conditioning, load_tiny, sample_tiny
+from sampling import boundary_between, conditioning, load_tiny, sample_tiny, sigmas_of
 
 from motion_dials.models.merge import CHUNK, dare_generator
 from motion_dials.nodes.edg import DareAddDifference, EDGMerge, EDGTimestepSwitch, ModelMergeExtrapolate
@@ -172,17 +172,6 @@ def test_a_nan_in_the_result_is_a_clear_error_and_leaves_nothing_patched(pair):
 
 # ---- the switch ------------------------------------------------------------------------------------------
 
-def sigmas_of(model, steps=STEPS):
-    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps)
-
-
-def boundary_between(model, step):
-    """A boundary that makes the switch happen right before ``step`` (its sigma is the first late one)."""
-    sampling, sigmas = model.get_model_object("model_sampling"), sigmas_of(model)
-    above, below = (float(sampling.timestep(sigmas[i : i + 1])) / 1000 for i in (step - 1, step))
-    return (above + below) / 2
-
-
 def recording(model, name, log):
     """A clone of ``model`` that logs (name, sigma, weight-patch uuid of its module) for each model call."""
     recorded = model.clone()
@@ -207,7 +196,7 @@ def switch(early, late, boundary, mode="hard switch", window=0.2):
 
 def switched_and_chained(early, late, sampler="euler"):
     """The latent of one sampler run through the switch, and of two chained KSamplerAdvanced-style runs."""
-    switched = sample_tiny(CASE, switch(early, late, boundary_between(early, SPLIT)), STEPS, sampler=sampler)
+    switched = sample_tiny(CASE, switch(early, late, boundary_between(early, SPLIT, STEPS)), STEPS, sampler=sampler)
     first = sample_tiny(CASE, early, STEPS, sampler=sampler, last_step=SPLIT)
     chained = sample_tiny(CASE, late, STEPS, sampler=sampler, start_step=SPLIT, latent={"samples": first})
     return switched, chained
@@ -236,7 +225,7 @@ def models_by_step(log) -> list[set]:
 
 def test_each_model_answers_exactly_its_side_of_the_boundary(early_late):
     early, late = early_late
-    log = record_switched_run(early, late, boundary_between(early, SPLIT))
+    log = record_switched_run(early, late, boundary_between(early, SPLIT, STEPS))
     assert len(models_by_step(log)) == STEPS
     assert models_by_step(log) == [{"early"} if i < SPLIT else {"late"} for i in range(STEPS)]
 
@@ -244,7 +233,7 @@ def test_each_model_answers_exactly_its_side_of_the_boundary(early_late):
 def test_hard_switch_patches_shared_weights_once_per_switch(pair):
     """The two EDG models share one module: it is re-patched at the switch and at no other step."""
     dynamic, consistency = edg_merge(pair[0], pair[1])
-    log = record_switched_run(dynamic, consistency, boundary_between(dynamic, SPLIT))
+    log = record_switched_run(dynamic, consistency, boundary_between(dynamic, SPLIT, STEPS))
     uuids = [uuid for _, _, uuid in log]
     changes = sum(1 for before, after in zip(uuids, uuids[1:], strict=False) if before != after)
     assert changes == 1 and uuids[0] != uuids[-1]
@@ -252,10 +241,10 @@ def test_hard_switch_patches_shared_weights_once_per_switch(pair):
 
 def test_blend_runs_both_models_inside_the_window_without_re_patching(early_late):
     early, late = early_late
-    sigmas = sigmas_of(early)
+    sigmas = sigmas_of(early, STEPS)
     sampling = early.get_model_object("model_sampling")
     fractions = [float(sampling.timestep(sigmas[i : i + 1])) / 1000 for i in range(STEPS)]
-    boundary = boundary_between(early, SPLIT)
+    boundary = boundary_between(early, SPLIT, STEPS)
     window = 2 * (fractions[SPLIT - 1] - boundary) + 1e-3  # covers exactly the two steps next to the boundary
     log = record_switched_run(early, late, boundary, "blend", window)
     expected = [{"early"} if i < SPLIT - 1 else {"early", "late"} if i < SPLIT + 1 else {"late"} for i in range(STEPS)]
@@ -268,7 +257,7 @@ def test_blend_runs_both_models_inside_the_window_without_re_patching(early_late
 
 def test_blend_with_a_zero_window_is_the_hard_switch(early_late):
     early, late = early_late
-    boundary = boundary_between(early, SPLIT)
+    boundary = boundary_between(early, SPLIT, STEPS)
     hard = sample_tiny(CASE, switch(early, late, boundary), STEPS)
     blend = sample_tiny(CASE, switch(early, late, boundary, "blend", 0.0), STEPS)
     torch.testing.assert_close(blend, hard, rtol=0, atol=1e-6)
@@ -283,7 +272,7 @@ def reference_dpmpp_2m_over_two_models(early, late, split):
     positive, negative, latent = conditioning(CASE)
     latent_image = comfy.sample.fix_empty_latent_channels(early, latent["samples"])
     noise = comfy.sample.prepare_noise(latent_image, 0)
-    sigmas = sigmas_of(early)
+    sigmas = sigmas_of(early, STEPS)
     state = {}
 
     def loop(steps):
@@ -340,5 +329,5 @@ def test_each_model_keeps_its_own_attention_patches(pair):
     late = DyMoSMotionSlider.execute(pair[1], 2.0, 1.0, "uniform", 1).result[0]  # tau 1: active on every step
     switched, chained = switched_and_chained(early, late)
     torch.testing.assert_close(switched, chained, rtol=0, atol=1e-5)
-    without_slider = sample_tiny(CASE, switch(early, pair[1], boundary_between(early, SPLIT)), STEPS)
+    without_slider = sample_tiny(CASE, switch(early, pair[1], boundary_between(early, SPLIT, STEPS)), STEPS)
     assert (switched - without_slider).abs().max() > 1e-4

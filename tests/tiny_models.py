@@ -164,8 +164,57 @@ def random_state_dict(module, seed: int, dtype) -> dict:
     return state
 
 
+@dataclass(frozen=True)
+class TinyAdapter:
+    file_name: str
+    motion: str
+    subject: str
+    prompt_rank: int
+    seed: int
+
+
+# MIVA adapters for the tiny Wan 2.1 T2V (no trained adapter is published anywhere): random weights in the
+# Motion Dials format, output projections included, so that each one visibly moves the video.
+ADAPTERS = (
+    TinyAdapter("miva_tiny_horse_running.safetensors", "horse running", "horse", 16, 31),
+    TinyAdapter("miva_tiny_waterfall.safetensors", "waterfall", "waterfall", 0, 32),
+)
+ADAPTER_CFA_RANK = 8
+
+
+def adapter_info(adapter: TinyAdapter, **changes):
+    from motion_dials.models.miva import AdapterInfo
+
+    fields = dict(base="wan2.1-t2v-1.3b", motion=adapter.motion, subject=adapter.subject, dim=WIDTH,
+                  heads=WIDTH // 128, blocks=BLOCKS, cfa_rank=ADAPTER_CFA_RANK, prompt_rank=adapter.prompt_rank,
+                  mask_stream=False)
+    return AdapterInfo(**{**fields, **changes})
+
+
+def random_adapter_tensors(info, seed: int, zero_outputs: bool = False) -> dict:
+    """Every tensor of the format: RMSNorm/LayerNorm gains one, the rest N(0, 0.1) (norm biases too), drawn in
+    name order; ``zero_outputs`` zeroes the output projections (cfa.o.up, prompt.up), as training starts."""
+    import torch
+
+    from motion_dials.models.miva import expected_shapes
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in sorted(expected_shapes(info).items()):
+        if name.endswith(("norm_q", "norm.weight")):
+            value = torch.ones(shape)
+        elif zero_outputs and (name.endswith(".o.up") or ".prompt.up." in name):
+            value = torch.zeros(shape)
+        else:
+            value = torch.randn(shape, generator=generator) * 0.1
+        tensors[name] = value.to(torch.float16)
+    return tensors
+
+
 def generate(out: Path) -> dict:
     from safetensors.torch import save_file
+
+    from motion_dials.models.miva import save_adapter
 
     manifest = {}
     for model in MODELS:
@@ -176,6 +225,12 @@ def generate(out: Path) -> dict:
         manifest[f"{model.folder}/{model.file_name}"] = {
             "family": model.family, "role": model.role, "template": model.template, "dtype": str(dtype).split(".")[1],
         }
+    (out / "miva").mkdir(exist_ok=True)
+    for adapter in ADAPTERS:
+        info = adapter_info(adapter)
+        save_adapter(out / "miva" / adapter.file_name, info, random_adapter_tensors(info, adapter.seed))
+        manifest[f"miva/{adapter.file_name}"] = {"family": "wan2.1", "role": f"MIVA adapter: {adapter.motion}",
+                                                 "template": "", "dtype": "float16"}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

@@ -1,0 +1,358 @@
+"""MIVA motion adapters: load, stack with weights, apply to a Wan model through the patcher core (REFERENCE §3).
+
+Adapters live in ComfyUI's ``models/miva/`` folder (``extra_model_paths.yaml`` may add others under the
+key ``miva``). A stack is an ordered tuple of rows (adapter, weight, on/off); the order is the one M-MIVA's
+masks will follow. MIVA Apply turns the enabled, non-zero rows into one effect on a clone of the model:
+per block, the base's keys and values (taken from its own self-attention call), the frame gathering,
+the self-attention input and the base query projection are computed once for every adapter of the stack.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+
+import comfy.model_management
+import folder_paths
+import torch
+from comfy.ldm.flux.math import apply_rope1
+from comfy.ldm.wan.model import repeat_e, sinusoidal_embedding_1d
+from comfy_api.latest import io, ui
+
+from ..models.miva import (
+    Adapter,
+    BlockAdapter,
+    ReferenceFrames,
+    convert_authors_layout,
+    cross_frame_residual,
+    implicit_prompt,
+    load_adapter,
+    read_training_output,
+    save_adapter,
+)
+from .patcher_core import WAN, AttentionContext, AttentionKind, BlockContext, MotionEffect, apply_effect, detect_family
+
+CATEGORY = "Motion Dials/MIVA"
+FOLDER = "miva"
+ADAPTER_SUFFIX = ".safetensors"
+TRAINING_OUTPUT_SUFFIXES = (".safetensors", ".pt", ".pth")
+NO_ADAPTER = "None"
+STACK_ROWS = 8  # per Stack node; chain Stack nodes for more
+WEIGHT_RANGE = dict(default=1.0, min=-2.0, max=2.0, step=0.05, round=0.001)
+WEIGHT_TOOLTIP = ("How strongly this adapter acts, from -2 to 2; 0 turns it off. The paper used 0.5 each for two "
+                  "adapters; a total near 1 is the most stable.")
+
+MivaStackType = io.Custom("MIVA_STACK")
+
+
+def register_folder() -> None:
+    """``models/miva`` in ComfyUI's folder registry (after any extra_model_paths.yaml entries)."""
+    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
+    paths, _ = folder_paths.folder_names_and_paths[FOLDER]
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, set(TRAINING_OUTPUT_SUFFIXES))
+
+
+register_folder()
+
+
+def adapter_files() -> list[str]:
+    return [name for name in folder_paths.get_filename_list(FOLDER) if name.endswith(ADAPTER_SUFFIX)]
+
+
+def resolve_model_file(name: str) -> str:
+    """The path of a file of ``models/miva`` by its listed name; a clear error for anything else."""
+    parts = PurePath(name.replace("\\", "/")).parts
+    if not name or os.path.isabs(name) or ".." in parts:
+        raise ValueError(
+            f"MIVA file name {name!r} is not a plain name inside models/{FOLDER}/; pick one from the list."
+        )
+    path = folder_paths.get_full_path(FOLDER, name)
+    if path is None:
+        places = ", ".join(folder_paths.get_folder_paths(FOLDER))
+        raise FileNotFoundError(
+            f"MIVA adapter {name!r} was not found in {places}. Put the file there (or add a 'miva' entry to "
+            "extra_model_paths.yaml) and refresh the page."
+        )
+    return path
+
+
+@functools.lru_cache(maxsize=16)
+def _load_cached(path: str, modified_ns: int, size: int, name: str) -> Adapter:
+    return load_adapter(path, name)
+
+
+def load_named_adapter(name: str) -> Adapter:
+    path = resolve_model_file(name)
+    stat = os.stat(path)
+    return _load_cached(path, stat.st_mtime_ns, stat.st_size, name)
+
+
+@dataclass(frozen=True)
+class StackRow:
+    adapter: Adapter
+    weight: float
+    enabled: bool
+
+    @property
+    def acts(self) -> bool:
+        return self.enabled and self.weight != 0.0
+
+
+def describe(adapter: Adapter) -> str:
+    info = adapter.info
+    parts = [f"motion: {info.motion}", f"subject: {info.subject}", f"base: {info.base}",
+             f"cfa rank {info.cfa_rank}, prompt rank {info.prompt_rank or 'none'}"]
+    if info.mask_stream:
+        parts.append("mask stream (M-MIVA)")
+    return f"{adapter.name}\n" + "\n".join(parts)
+
+
+def check_fits(adapter: Adapter, model) -> None:
+    """Raise a clear error unless the adapter was made for this model's family and sizes."""
+    family = detect_family(model)
+    diffusion_model = model.get_model_object("diffusion_model")
+    info = adapter.info
+    if family is not WAN or not info.family.startswith("wan"):
+        raise ValueError(f"MIVA adapter {adapter.name} ({info.base}) needs a Wan model; this model is {family.name}. "
+                         "MIVA adapters are trained on Wan 2.1 T2V: load one with 'Load Diffusion Model'.")
+    found = (diffusion_model.dim, diffusion_model.num_heads, len(diffusion_model.blocks))
+    expected = (info.dim, info.heads, info.blocks)
+    if found != expected:
+        raise ValueError(
+            f"MIVA adapter {adapter.name} was made for {info.base} (width {info.dim}, {info.heads} heads, "
+            f"{info.blocks} blocks), but this model has width {found[0]}, {found[1]} heads, {found[2]} blocks. "
+            f"Load the {info.base} model, or an adapter made for this one."
+        )
+
+
+def wan_self_attention_input(block: torch.nn.Module, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+    """What a Wan block feeds its self-attention: norm1(x) modulated by the time embedding, as the block does."""
+    modulation = comfy.model_management.cast_to(block.modulation, dtype=x.dtype, device=x.device)
+    e = (modulation + vec).chunk(6, dim=1) if vec.ndim < 4 else (modulation.unsqueeze(0) + vec).unbind(2)
+    return torch.addcmul(repeat_e(e[0], x), block.norm1(x), 1 + repeat_e(e[1], x))
+
+
+class MivaEffect(MotionEffect):
+    """The enabled, non-zero rows of a stack: cross-frame attention residuals and implicit-prompt MLPs."""
+
+    uses_self_attention_kv = True
+
+    def __init__(self, rows: tuple[StackRow, ...]):
+        self.rows = rows
+        self.prompt_rows = tuple(i for i, row in enumerate(rows) if row.adapter.info.prompt_rank)
+        self._blocks_on: dict = {}
+
+    def _block_weights(self, block_index: int, like: torch.Tensor) -> list[BlockAdapter]:
+        key = (block_index, like.device, like.dtype)
+        weights = self._blocks_on.get(key)
+        if weights is None:
+            weights = [row.adapter.blocks[block_index].to(like.device, like.dtype) for row in self.rows]
+            self._blocks_on[key] = weights
+        return weights
+
+    def _time_embedding(self, ctx: BlockContext, dtype: torch.dtype) -> torch.Tensor:
+        """The base's time embedding t_emb for this model call, [B, d], computed once per call."""
+        forward = ctx.forward
+        key = (self, dtype)
+        if key not in forward.memo:
+            diffusion_model = forward.diffusion_model
+            timesteps = forward.model_sampling.timestep(forward.sigmas).float()
+            sinusoid = sinusoidal_embedding_1d(diffusion_model.freq_dim, timesteps).to(dtype=dtype)
+            forward.memo[key] = diffusion_model.time_embedding(sinusoid)
+        return forward.memo[key]
+
+    def block_residual(self, ctx: BlockContext, block_input: torch.Tensor):
+        if ctx.self_attention_kv is None:
+            return None
+        layout = ctx.self_attention_layout
+        start, end = layout.video_start, layout.video_end
+        block = ctx.forward.diffusion_model.blocks[ctx.block_index]
+        heads = block.self_attn.num_heads
+        x = wan_self_attention_input(block, block_input, ctx.block_args["vec"])[:, start:end]
+        base_query = block.self_attn.q(x)  # the one base projection all adapters' queries start from
+        keys, values = ctx.self_attention_kv
+        frames = ReferenceFrames.gather(keys[:, start:end], values[:, start:end], layout.frames, heads)
+        freqs = ctx.block_args["pe"][:, start:end]
+
+        def rope(query):
+            return apply_rope1(query.unflatten(-1, (heads, -1)), freqs).flatten(-2)
+
+        time_embedding = self._time_embedding(ctx, x.dtype)
+        residual = None
+        for row, weights in zip(self.rows, self._block_weights(ctx.block_index, x), strict=True):
+            part = cross_frame_residual(x, base_query, frames, time_embedding, weights.cfa, rope) * row.weight
+            residual = part if residual is None else residual + part
+        if (start, end) != (0, block_input.shape[1]):
+            padded = torch.zeros_like(block_input)
+            padded[:, start:end] = residual
+            residual = padded
+        return residual
+
+    def replace_cross_attention(self, ctx: AttentionContext, q, k, v, heads, previous):
+        if not self.prompt_rows or ctx.kind is not AttentionKind.TEXT_CROSS:
+            return None
+        weights = self._block_weights(ctx.block_index, q)
+        result = None
+        for i in self.prompt_rows:
+            part = implicit_prompt(q, weights[i].prompt) * self.rows[i].weight
+            result = part if result is None else result + part
+        return result
+
+
+def apply_stack(model, stack: tuple[StackRow, ...]):
+    """A clone of ``model`` with the stack's acting rows; the model itself when none acts."""
+    rows = tuple(row for row in stack if row.acts)
+    for row in rows:
+        check_fits(row.adapter, model)
+    if not rows:
+        return model
+    return apply_effect(model, MivaEffect(rows))
+
+
+def _stack_input():
+    return MivaStackType.Input(
+        "stack", optional=True,
+        tooltip="Another MIVA stack: its adapters come first, then this node's. Chain nodes for more adapters.",
+    )
+
+
+class MIVALoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MIVALoader",
+            display_name="MIVA Loader",
+            category=CATEGORY,
+            description="Loads one MIVA motion adapter from models/miva, checks it and shows what it animates. "
+            "Its output is a stack of one, which MIVA Apply or another stack takes.",
+            inputs=[
+                io.Combo.Input("adapter_name", options=adapter_files(),
+                               tooltip="A Motion Dials MIVA adapter (.safetensors) in ComfyUI/models/miva/. Files "
+                               "from the authors' training code need MIVA Convert first."),
+                io.Float.Input("weight", **WEIGHT_RANGE, tooltip=WEIGHT_TOOLTIP),
+                _stack_input(),
+                io.Model.Input("model", optional=True,
+                               tooltip="Optional: the model the adapter will meet. When connected, the loader "
+                               "checks family, width, heads and block count right here."),
+            ],
+            outputs=[MivaStackType.Output(display_name="stack", tooltip="The adapters so far, in order.")],
+        )
+
+    @classmethod
+    def execute(cls, adapter_name, weight, stack=None, model=None) -> io.NodeOutput:
+        adapter = load_named_adapter(adapter_name)
+        if model is not None:
+            check_fits(adapter, model)
+        rows = tuple(stack or ()) + (StackRow(adapter, weight, True),)
+        return io.NodeOutput(rows, ui=ui.PreviewText(describe(adapter)))
+
+
+class MIVAStack(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        inputs = [_stack_input()]
+        for i in range(1, STACK_ROWS + 1):
+            inputs += [
+                io.Combo.Input(f"adapter_{i}", options=[NO_ADAPTER] + adapter_files(), default=NO_ADAPTER,
+                               optional=True, tooltip=f"Row {i}: an adapter from models/miva, or None."),
+                io.Float.Input(f"weight_{i}", **WEIGHT_RANGE, optional=True, tooltip=f"Row {i}: " + WEIGHT_TOOLTIP),
+                io.Boolean.Input(f"enabled_{i}", default=True, optional=True,
+                                 tooltip=f"Row {i}: on or off, without losing its adapter and weight."),
+            ]
+        return io.Schema(
+            node_id="MIVAStack",
+            display_name="MIVA Stack",
+            category=CATEGORY,
+            description="Several MIVA motion adapters with their weights, in order (the order decides which "
+            "subject wins where masks overlap). In the web UI rows are added, removed, moved and switched on the "
+            f"node; through the API, set adapter_<i>, weight_<i> and enabled_<i> for i = 1 to {STACK_ROWS}.",
+            inputs=inputs,
+            outputs=[MivaStackType.Output(display_name="stack", tooltip="The adapters, in order.")],
+        )
+
+    @classmethod
+    def execute(cls, stack=None, **rows) -> io.NodeOutput:
+        result = list(stack or ())
+        for i in range(1, STACK_ROWS + 1):
+            name = rows.get(f"adapter_{i}", NO_ADAPTER)
+            if name in (None, NO_ADAPTER):
+                continue
+            result.append(StackRow(load_named_adapter(name), float(rows.get(f"weight_{i}", 1.0)),
+                                   bool(rows.get(f"enabled_{i}", True))))
+        return io.NodeOutput(tuple(result), ui=ui.PreviewText("\n\n".join(
+            ("" if row.enabled else "[off] ") + f"{row.weight:+.2f} " + describe(row.adapter) for row in result)))
+
+
+class MIVAApply(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MIVAApply",
+            display_name="MIVA Apply",
+            category=CATEGORY,
+            description="Patches a Wan model with a stack of MIVA motion adapters: a cross-frame attention beside "
+            "every self-attention and, for adapters that have one, an implicit-prompt MLP in place of the text "
+            "cross-attention (the prompt is then not used). Combine with DyMoS and EDG freely.",
+            inputs=[
+                io.Model.Input("model", tooltip="A Wan model of the size the adapters were made for (Wan 2.1 T2V "
+                               "1.3B for the paper's adapters)."),
+                MivaStackType.Input("stack", tooltip="From MIVA Loader or MIVA Stack."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with the adapters; the input model is left as it was.")],
+        )
+
+    @classmethod
+    def execute(cls, model, stack) -> io.NodeOutput:
+        return io.NodeOutput(apply_stack(model, tuple(stack)))
+
+
+class MIVAConvert(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MIVAConvert",
+            display_name="MIVA Convert",
+            category=CATEGORY,
+            description="Converts an adapter saved by the MIVA authors' training code (.pt or .safetensors, in "
+            "models/miva) into the Motion Dials format, next to it. A .pt file is read as tensors only; one that "
+            "holds code is refused.",
+            inputs=[
+                io.Combo.Input("training_output", options=folder_paths.get_filename_list(FOLDER),
+                               tooltip="The authors' training output, placed in ComfyUI/models/miva/."),
+                io.String.Input("motion", default="", tooltip="What the adapter animates, e.g. 'horse running'."),
+                io.String.Input("subject", default="", tooltip="The word that finds the moving subject in the "
+                                "image (for M-MIVA's GroundingDINO), e.g. 'horse'."),
+                io.String.Input("base", default="wan2.1-t2v-1.3b",
+                                tooltip="The model the adapter was trained on, <family>-<kind>-<size>."),
+                io.Int.Input("heads", default=12, min=1, max=128,
+                             tooltip="That model's attention heads: 12 for Wan 2.1 1.3B, 40 for 14B."),
+                io.String.Input("file_name", default="",
+                                tooltip="Name of the converted file; empty: the source's name with .safetensors."),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, training_output, motion, subject, base, heads, file_name) -> io.NodeOutput:
+        if not motion.strip() or not subject.strip():
+            raise ValueError("MIVA Convert needs the adapter's motion and subject: the training output does not say.")
+        source = Path(resolve_model_file(training_output))
+        target_name = file_name.strip() or source.stem + "_motion_dials" + ADAPTER_SUFFIX
+        if not target_name.endswith(ADAPTER_SUFFIX):
+            target_name += ADAPTER_SUFFIX
+        if Path(target_name).name != target_name:
+            raise ValueError(f"file_name {target_name!r} must be a plain file name.")
+        target = source.parent / target_name
+        if target == source:
+            raise ValueError("file_name would overwrite the training output; choose another name.")
+        state = read_training_output(source)
+        info, tensors = convert_authors_layout(state, base=base.strip(), motion=motion.strip(),
+                                               subject=subject.strip(), heads=heads, source=source.name)
+        save_adapter(target, info, tensors)
+        return io.NodeOutput(ui=ui.PreviewText(f"wrote {target_name}\n" + describe(load_adapter(target))))
+
+
+NODES = (MIVALoader, MIVAStack, MIVAApply, MIVAConvert)

@@ -1,0 +1,371 @@
+"""MIVA adapters on the tiny Wan 2.1 T2V: exactness against a plain reference, stacking, file handling."""
+
+import copy
+import os
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from sampling import boundary_between, load_tiny, sample_tiny
+from tiny_models import ADAPTERS, adapter_info, random_adapter_tensors
+
+from motion_dials.models.miva import (
+    AUTHORS_NAMES,
+    Adapter,
+    AdapterFormatError,
+    convert_authors_layout,
+    load_adapter,
+    read_training_output,
+    save_adapter,
+)
+from motion_dials.nodes.dymos import DyMoSMotionSlider
+from motion_dials.nodes.edg import EDGTimestepSwitch
+from motion_dials.nodes.miva import (
+    MIVAApply,
+    MIVAConvert,
+    MIVALoader,
+    MIVAStack,
+    StackRow,
+    apply_stack,
+    resolve_model_file,
+)
+from motion_dials.nodes.patcher_core import FORWARD_KEY, effects_of
+
+CASE = "wan2.1_t2v"
+STEPS = 3
+HORSE, WATERFALL = ADAPTERS  # horse has an implicit-prompt MLP, waterfall does not
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models):
+    return load_tiny(CASE)
+
+
+def adapter(tiny, *, seed=None, zero_outputs=False, **info_changes) -> Adapter:
+    info = adapter_info(tiny, **info_changes)
+    tensors = random_adapter_tensors(info, tiny.seed if seed is None else seed, zero_outputs)
+    return Adapter.from_tensors(tiny.file_name, info, tensors)
+
+
+def stack(*rows) -> tuple:
+    return tuple(StackRow(a, weight, enabled) for a, weight, enabled in rows)
+
+
+def weights_fingerprint(model) -> float:
+    return float(sum(p.double().sum() for p in model.model.diffusion_model.state_dict().values()))
+
+
+# The plain reference of REFERENCE section 3, on one Wan block, written from the formulas.
+
+def rms_norm(x, gain):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * gain
+
+
+def rope(x, pe, heads):
+    pairs = x.reshape(*x.shape[:2], heads, -1, 1, 2)
+    return (pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]).reshape(x.shape)
+
+
+def attention(q, k, v, heads):
+    """softmax(q k^T / sqrt(D)) v per head, [B, Lq, d] x [B, Lk, d]."""
+    split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
+    q, k, v = split(q), split(k), split(v)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    return (weights @ v).transpose(1, 2).flatten(2)
+
+
+def time_embedding(state, timesteps):
+    half = 128  # Wan's freq_dim 256
+    freqs = torch.pow(10000, -torch.arange(half, dtype=torch.float64) / half)
+    angles = torch.outer(timesteps.double(), freqs)
+    sinusoid = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()
+    hidden = F.linear(sinusoid, state["time_embedding.0.weight"], state["time_embedding.0.bias"])
+    return F.linear(F.silu(hidden), state["time_embedding.2.weight"], state["time_embedding.2.bias"])
+
+
+def reference_block(state, i, x, vec, pe, context, rows, t_emb, frames, heads):
+    """Wan block i with MIVA rows [(BlockAdapter, weight)], every frame's cross-frame attention in a loop."""
+    p = lambda name: state[f"blocks.{i}.{name}"]  # noqa: E731
+    lin = lambda t, name: F.linear(t, p(f"{name}.weight"), p(f"{name}.bias"))  # noqa: E731
+    norm = lambda t: F.layer_norm(t, t.shape[-1:], eps=1e-6)  # noqa: E731
+    e = (p("modulation").unsqueeze(0) + vec).unbind(2)
+    xs = norm(x) * (1 + e[1]) + e[0]
+    q = rope(rms_norm(lin(xs, "self_attn.q"), p("self_attn.norm_q.weight")), pe, heads)
+    k = rope(rms_norm(lin(xs, "self_attn.k"), p("self_attn.norm_k.weight")), pe, heads)
+    v = lin(xs, "self_attn.v")
+    x1 = x + lin(attention(q, k, v, heads), "self_attn.o") * e[2]
+
+    residual = torch.zeros_like(x)
+    per_frame = x.shape[1] // frames
+    frame = lambda t, f: t[:, f * per_frame:(f + 1) * per_frame]  # noqa: E731
+    for block_adapter, weight in rows:
+        cfa = block_adapter.cfa
+        qa = lin(xs, "self_attn.q") + xs @ cfa.q_down.float().T @ cfa.q_up.float().T
+        qa = rope(rms_norm(qa, cfa.norm_q.float()), pe, heads)
+        lambdas = torch.softmax(F.linear(F.silu(t_emb), cfa.weighting_weight.float(),
+                                         cfa.weighting_bias.float()) / 0.2, dim=-1)
+        outputs = []
+        for f in range(frames):
+            previous = max(f - 1, 0)
+            keys = torch.cat([frame(k, 0), frame(k, previous)], dim=1)
+            values = torch.cat([lambdas[:, :1, None] * frame(v, 0), lambdas[:, 1:, None] * frame(v, previous)], dim=1)
+            outputs.append(attention(frame(qa, f), keys, values, heads))
+        residual = residual + weight * (torch.cat(outputs, dim=1) @ cfa.o_down.float().T @ cfa.o_up.float().T)
+
+    xc = F.layer_norm(x1, x1.shape[-1:], p("norm3.weight"), p("norm3.bias"), eps=1e-6)
+    qc = rms_norm(lin(xc, "cross_attn.q"), p("cross_attn.norm_q.weight"))
+    prompts = [(a.prompt, w) for a, w in rows if a.prompt is not None]
+    if prompts:
+        cross = 0
+        for prompt, weight in prompts:
+            hidden = F.linear(qc, prompt.down_weight.float(), prompt.down_bias.float())
+            hidden = F.layer_norm(hidden, hidden.shape[-1:], prompt.norm_weight.float(), prompt.norm_bias.float(),
+                                  eps=1e-6)
+            cross = cross + weight * F.linear(F.gelu(hidden), prompt.up_weight.float(), prompt.up_bias.float())
+    else:
+        kc = rms_norm(lin(context, "cross_attn.k"), p("cross_attn.norm_k.weight"))
+        cross = attention(qc, kc, lin(context, "cross_attn.v"), heads)
+    x2 = x1 + lin(cross, "cross_attn.o")
+    y = lin(F.gelu(lin(norm(x2) * (1 + e[4]) + e[3], "ffn.0"), approximate="tanh"), "ffn.2")
+    return x2 + y * e[5] + residual
+
+
+def record_blocks(patched):
+    """Wrap the core's block replacements: each call's (index, inputs, output, sigmas)."""
+    log = []
+    replaces = patched.model_options["transformer_options"]["patches_replace"]["dit"]
+    for (block_type, index), replace in list(replaces.items()):
+        def recorder(args, extra, replace=replace, index=index):
+            out = replace(args, extra)
+            state = args["transformer_options"].get(FORWARD_KEY)
+            log.append((index, {k: args[k] for k in ("img", "vec", "pe", "txt")}, out["img"].clone(),
+                        None if state is None else state.sigmas.clone()))
+            return out
+        replaces[(block_type, index)] = recorder
+    return log
+
+
+def test_patched_blocks_equal_the_plain_reference_at_several_timesteps(model):
+    rows = ((adapter(HORSE), 0.8), (adapter(WATERFALL), -0.6))
+    patched = apply_stack(model, stack(*((a, w, True) for a, w in rows)))
+    log = record_blocks(patched)
+    sample_tiny(CASE, patched, STEPS)
+    state = {k.removeprefix("diffusion_model."): v.float() for k, v in patched.model.diffusion_model.state_dict(
+        prefix="diffusion_model.").items()}
+    model_sampling = patched.get_model_object("model_sampling")
+    diffusion_model = patched.model.diffusion_model
+    frames = 3  # latent frames of the tiny sample; patch size (1, 2, 2)
+    sigmas_seen = set()
+    assert len(log) == STEPS * 2
+    for index, args, out, sigmas in log:
+        t_emb = time_embedding(state, model_sampling.timestep(sigmas).float())
+        block_rows = [(a.blocks[index], w) for a, w in rows]
+        expected = reference_block(state, index, args["img"], args["vec"], args["pe"], args["txt"], block_rows, t_emb,
+                                   frames, diffusion_model.num_heads)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        sigmas_seen.add(round(float(sigmas[0]), 6))
+    assert len(sigmas_seen) == STEPS
+
+
+def test_zero_output_projections_weight_zero_and_off_rows_leave_the_video_bit_identical(model):
+    unpatched = sample_tiny(CASE, model, STEPS)
+    silent = apply_stack(model, stack((adapter(WATERFALL, zero_outputs=True), 1.0, True)))
+    assert effects_of(silent), "a zero-output adapter is still applied"
+    assert torch.equal(sample_tiny(CASE, silent, STEPS), unpatched)
+    for weight, enabled in ((0.0, True), (1.0, False)):
+        assert apply_stack(model, stack((adapter(HORSE), weight, enabled))) is model
+    mixed = apply_stack(model, stack((adapter(HORSE), 0.0, True), (adapter(WATERFALL), 1.0, False),
+                                     (adapter(WATERFALL, zero_outputs=True), 1.0, True)))
+    assert torch.equal(sample_tiny(CASE, mixed, STEPS), unpatched)
+
+
+def first_block_change(model, rows) -> torch.Tensor:
+    """Block 0's output minus the unpatched one (block 0's input is the same in every run)."""
+    patched = apply_stack(model, stack(*rows))
+    log = record_blocks(patched)
+    sample_tiny(CASE, patched, 1)
+    unpatched = apply_stack(model, stack((adapter(WATERFALL, zero_outputs=True), 1.0, True)))
+    base_log = record_blocks(unpatched)
+    sample_tiny(CASE, unpatched, 1)
+    return log[0][2] - base_log[0][2]
+
+
+def test_two_adapters_add_their_weighted_residuals_and_weights_act_linearly(model):
+    a, b = adapter(WATERFALL), adapter(WATERFALL, seed=77)
+    alone_a = first_block_change(model, [(a, 1.0, True)])
+    alone_b = first_block_change(model, [(b, 1.0, True)])
+    both = first_block_change(model, [(a, 0.7, True), (b, -1.3, True)])
+    torch.testing.assert_close(both, 0.7 * alone_a - 1.3 * alone_b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(first_block_change(model, [(a, 2.0, True)]), 2.0 * alone_a, atol=1e-5, rtol=1e-4)
+    assert alone_a.abs().max() > 1e-3 and alone_b.abs().max() > 1e-3
+
+
+def test_implicit_prompts_of_a_stack_are_their_weighted_sum(model):
+    horse, horse2 = adapter(HORSE), adapter(HORSE, seed=78)
+    effect = effects_of(apply_stack(model, stack((horse, 0.5, True), (horse2, 1.5, True))))[0]
+    alone = [effects_of(apply_stack(model, stack((a, 1.0, True))))[0] for a in (horse, horse2)]
+
+    class Ctx:
+        from motion_dials.nodes.patcher_core import AttentionKind
+        kind, block_index = AttentionKind.TEXT_CROSS, 1
+
+    q = torch.randn(2, 48, 256)
+    call = lambda e: e.replace_cross_attention(Ctx, q, None, None, 2, None)  # noqa: E731
+    torch.testing.assert_close(call(effect), 0.5 * call(alone[0]) + 1.5 * call(alone[1]), atol=1e-5, rtol=1e-5)
+
+
+def test_miva_composes_with_dymos_and_the_edg_switch_and_leaves_the_input_alone(model):
+    options_before, weights_before = copy.deepcopy(model.model_options), weights_fingerprint(model)
+    unpatched = sample_tiny(CASE, model, STEPS)
+    miva = MIVAApply.execute(model, stack((adapter(HORSE), 1.0, True))).result[0]
+    with_miva = sample_tiny(CASE, miva, STEPS)
+    both = DyMoSMotionSlider.execute(miva, 2.0, 0.5, "uniform", 1).result[0]
+    assert [type(e).__name__ for e in effects_of(both)] == ["MivaEffect", "DyMoSEffect"]
+    with_both = sample_tiny(CASE, both, STEPS)
+    assert torch.isfinite(with_both).all()
+    assert not torch.allclose(with_both, with_miva) and not torch.allclose(with_miva, unpatched)
+
+    # the switch: MIVA on the early side only; after the boundary the late (plain) model answers
+    switched = EDGTimestepSwitch.execute(miva, model, boundary_between(model, 2, STEPS), "hard switch", 0.1).result[0]
+    result = sample_tiny(CASE, switched, STEPS)
+    assert torch.isfinite(result).all()
+    assert not torch.allclose(result, with_miva) and not torch.allclose(result, unpatched)
+
+    assert model.model_options == options_before and weights_fingerprint(model) == weights_before
+    assert torch.equal(sample_tiny(CASE, model, STEPS), unpatched)
+
+
+# Files: our format, the authors' layout, and bad input.
+
+def authors_layout(tensors: dict, info) -> dict:
+    """Our tensors under the authors' names, with their frozen copies of the base's k, v and norm_k."""
+    state = {}
+    for i in range(info.blocks):
+        for ours, theirs in AUTHORS_NAMES.items():
+            if f"blocks.{i}.{ours}" in tensors:
+                state["model.diffusion_model." + theirs.format(i=i)] = tensors[f"blocks.{i}.{ours}"]
+        state[f"model.diffusion_model.blocks.{i}.self_attn.i2v_adapter.k.weight"] = torch.zeros(info.dim, info.dim)
+        state[f"model.diffusion_model.blocks.{i}.self_attn.i2v_adapter.norm_k.weight"] = torch.ones(info.dim)
+    return state
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_both_layouts_load_to_the_same_tensors(tmp_path, suffix):
+    info = adapter_info(HORSE)
+    tensors = random_adapter_tensors(info, 5)
+    ours = tmp_path / "ours.safetensors"
+    save_adapter(ours, info, tensors)
+    theirs = tmp_path / f"training_output{suffix}"
+    state = authors_layout(tensors, info)
+    torch.save(state, theirs) if suffix == ".pt" else save_file(state, str(theirs))
+    converted_info, converted = convert_authors_layout(read_training_output(theirs), base=info.base,
+                                                       motion=info.motion, subject=info.subject, heads=info.heads)
+    assert converted_info == info
+    loaded = load_adapter(ours)
+    assert loaded.info == info
+    for name, tensor in tensors.items():
+        assert torch.equal(converted[name], tensor), name
+    assert torch.equal(loaded.blocks[1].prompt.up_weight, tensors["blocks.1.prompt.up.weight"])
+
+
+def test_convert_node_and_command_write_a_loadable_adapter(tiny_models, tmp_path):
+    info = adapter_info(WATERFALL)
+    tensors = random_adapter_tensors(info, 6)
+    source = tiny_models / "miva" / "test_training_output.pt"
+    torch.save(authors_layout(tensors, info), source)
+    target = tiny_models / "miva" / "test_converted.safetensors"
+    try:
+        MIVAConvert.execute("test_training_output.pt", "waterfall", "waterfall", info.base, info.heads,
+                            "test_converted")
+        loaded = load_adapter(target)
+        assert loaded.info == info
+        assert torch.equal(loaded.blocks[0].cfa.o_up, tensors["blocks.0.cfa.o.up"])
+
+        from motion_dials.models.miva import main
+        command_target = tmp_path / "by_command.safetensors"
+        main(["convert", str(source), str(command_target), "--motion", "waterfall", "--subject", "waterfall",
+              "--heads", str(info.heads)])
+        assert load_adapter(command_target).info == info
+    finally:
+        source.unlink(missing_ok=True)
+        target.unlink(missing_ok=True)
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/motion_dials_pickle_ran",))
+
+
+def bad_files(tmp_path):
+    """name -> (path, the phrase its error must contain)"""
+    info = adapter_info(HORSE)
+    tensors = random_adapter_tensors(info, 5)
+    good = tmp_path / "good.safetensors"
+    save_adapter(good, info, tensors)
+    data = good.read_bytes()
+    files = {}
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    files["truncated"] = (truncated, "damaged or incomplete")
+    wrong_shape = dict(tensors, **{"blocks.0.cfa.q.down": torch.zeros(3, info.dim)})
+    path = tmp_path / "wrong_shape.safetensors"
+    save_file(wrong_shape, str(path), metadata=info.to_metadata())
+    files["wrong shape"] = (path, "blocks.0.cfa.q.down has shape (3, 256)")
+    path = tmp_path / "no_metadata.safetensors"
+    save_file(tensors, str(path))
+    files["missing metadata"] = (path, "not a Motion Dials MIVA adapter")
+    metadata = info.to_metadata()
+    del metadata["subject"]
+    path = tmp_path / "partial_metadata.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    files["partial metadata"] = (path, "lacks the metadata subject")
+    return files
+
+
+def test_bad_files_give_clear_errors(tmp_path):
+    for path, phrase in bad_files(tmp_path).values():
+        with pytest.raises(AdapterFormatError, match=re.escape(phrase)):
+            load_adapter(path)
+
+
+def test_a_pickle_that_runs_code_is_refused_without_running(tmp_path):
+    marker = "/tmp/motion_dials_pickle_ran"
+    if os.path.exists(marker):
+        os.unlink(marker)
+    path = tmp_path / "evil.pt"
+    torch.save({"blocks.0.x": RunsCode()}, path)
+    with pytest.raises(AdapterFormatError, match="never runs code"):
+        read_training_output(path)
+    assert not os.path.exists(marker)
+
+
+def test_wrong_family_or_width_is_a_clear_error_and_patches_nothing(model, tiny_models):
+    options_before = copy.deepcopy(model.model_options)
+    too_wide = adapter(HORSE, dim=512, heads=4)
+    with pytest.raises(ValueError, match="width 512, 4 heads, 2 blocks.*width 256, 2 heads, 2 blocks"):
+        MIVAApply.execute(model, stack((adapter(WATERFALL), 1.0, True), (too_wide, 1.0, True)))
+    hunyuan = load_tiny("hunyuan15_i2v")
+    with pytest.raises(ValueError, match="needs a Wan model; this model is HunyuanVideo 1.5"):
+        MIVAApply.execute(hunyuan, stack((adapter(WATERFALL), 1.0, True)))
+    with pytest.raises(ValueError, match="needs a Wan model"):
+        MIVALoader.execute(HORSE.file_name, 1.0, None, hunyuan)
+    assert model.model_options == options_before and effects_of(model) == ()
+
+
+def test_loader_and_stack_read_from_the_miva_folder_and_refuse_names_outside_it(model, tiny_models):
+    loaded = MIVALoader.execute(HORSE.file_name, 0.5, None, model)
+    (row,) = loaded.result[0]
+    assert (row.adapter.info.motion, row.weight) == ("horse running", 0.5)
+    shown = loaded.ui.as_dict()["text"][0]
+    assert "motion: horse running" in shown and "subject: horse" in shown
+    chained = MIVAStack.execute(loaded.result[0], adapter_1=WATERFALL.file_name, weight_1=0.25, enabled_1=False,
+                                adapter_2="None").result[0]
+    assert [(r.adapter.info.motion, r.weight, r.enabled) for r in chained] == [
+        ("horse running", 0.5, True), ("waterfall", 0.25, False)]
+    for name in ("../diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors", "/etc/passwd", "a/../../b.safetensors"):
+        with pytest.raises(ValueError, match="not a plain name inside models/miva"):
+            resolve_model_file(name)
+    with pytest.raises(FileNotFoundError, match="missing.safetensors' was not found in .*miva"):
+        MIVALoader.execute("missing.safetensors", 1.0)
