@@ -14,11 +14,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
-import comfy.model_management
 import folder_paths
 import torch
 from comfy.ldm.flux.math import apply_rope1
-from comfy.ldm.wan.model import repeat_e, sinusoidal_embedding_1d
+from comfy.ldm.wan.model import sinusoidal_embedding_1d
 from comfy_api.latest import io, ui
 
 from ..models.miva import (
@@ -127,17 +126,10 @@ def check_fits(adapter: Adapter, model) -> None:
         )
 
 
-def wan_self_attention_input(block: torch.nn.Module, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
-    """What a Wan block feeds its self-attention: norm1(x) modulated by the time embedding, as the block does."""
-    modulation = comfy.model_management.cast_to(block.modulation, dtype=x.dtype, device=x.device)
-    e = (modulation + vec).chunk(6, dim=1) if vec.ndim < 4 else (modulation.unsqueeze(0) + vec).unbind(2)
-    return torch.addcmul(repeat_e(e[0], x), block.norm1(x), 1 + repeat_e(e[1], x))
-
-
 class MivaEffect(MotionEffect):
     """The enabled, non-zero rows of a stack: cross-frame attention residuals and implicit-prompt MLPs."""
 
-    uses_self_attention_kv = True
+    uses_self_attention = True
 
     def __init__(self, rows: tuple[StackRow, ...]):
         self.rows = rows
@@ -164,16 +156,15 @@ class MivaEffect(MotionEffect):
         return forward.memo[key]
 
     def block_residual(self, ctx: BlockContext, block_input: torch.Tensor):
-        if ctx.self_attention_kv is None:
+        kept = ctx.self_attention
+        if kept is None or kept.layout is None:
             return None
-        layout = ctx.self_attention_layout
+        layout = kept.layout
         start, end = layout.video_start, layout.video_end
-        block = ctx.forward.diffusion_model.blocks[ctx.block_index]
-        heads = block.self_attn.num_heads
-        x = wan_self_attention_input(block, block_input, ctx.block_args["vec"])[:, start:end]
-        base_query = block.self_attn.q(x)  # the one base projection all adapters' queries start from
-        keys, values = ctx.self_attention_kv
-        frames = ReferenceFrames.gather(keys[:, start:end], values[:, start:end], layout.frames, heads)
+        heads = ctx.forward.diffusion_model.blocks[ctx.block_index].self_attn.num_heads
+        # The base's own self-attention input and query projection, which every adapter's query starts from.
+        x, base_query = kept.input[:, start:end], kept.query_projection[:, start:end]
+        frames = ReferenceFrames.gather(kept.keys[:, start:end], kept.values[:, start:end], layout.frames, heads)
         freqs = ctx.block_args["pe"][:, start:end]
 
         def rope(query):

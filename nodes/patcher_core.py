@@ -20,6 +20,12 @@ Effects compose in a defined order: (1) cross-attention replacements, each
 seeing the previous one's result; (2) attention-logit biases, all summed into
 one block-structured bias; (3) block residuals, added to the block output in
 effect order. Nothing here changes the model's weights or the input patcher.
+
+An effect that builds its residual from the base's own self-attention (MIVA's
+cross-frame attention) sets ``uses_self_attention``: for the calls it acts in,
+the core keeps each block's self-attention input, query projection (through
+forward hooks on the query Linear that live only as long as the call), keys and
+values, so no effect computes them a second time.
 """
 
 from __future__ import annotations
@@ -59,9 +65,13 @@ class ModelFamily:
     name: str
     block_lists: tuple[tuple[str, str], ...]  # (attribute of the diffusion model, dit replace key)
     joint_attention: bool  # video and text tokens in one attention, video first
+    # The video self-attention's query projection inside a block (a Linear), where the core can see the
+    # self-attention input and ``W_q x + b`` without computing them again; None where there is none.
+    self_attention_query: str | None = None
 
 
-WAN = ModelFamily("Wan 2.1/2.2", (("blocks", "double_block"),), joint_attention=False)
+WAN = ModelFamily("Wan 2.1/2.2", (("blocks", "double_block"),), joint_attention=False,
+                  self_attention_query="self_attn.q")
 HUNYUAN_VIDEO_15 = ModelFamily(
     "HunyuanVideo 1.5", (("double_blocks", "double_block"), ("single_blocks", "single_block")), joint_attention=True
 )
@@ -140,9 +150,9 @@ class MotionEffect:
         """For text cross-attention: a replacement for ``previous`` (the output so far), or None."""
         return None
 
-    # True for an effect whose block_residual reads the block's video self-attention keys and values
-    # (BlockContext.self_attention_kv); the core then keeps them until the block ends.
-    uses_self_attention_kv = False
+    # True for an effect whose block_residual reads the block's video self-attention tensors
+    # (BlockContext.self_attention); the core then keeps them until the block ends.
+    uses_self_attention = False
 
     def block_residual(self, ctx: BlockContext, block_input: torch.Tensor) -> torch.Tensor | None:
         """A tensor added to the block's output (all its tokens), computed from its input, or None."""
@@ -159,8 +169,18 @@ class BlockContext:
     block_type: str
     forward: ForwardState
     block_args: dict  # what the block was called with (Wan: img, txt, vec, pe, transformer_options)
-    self_attention_kv: tuple[torch.Tensor, torch.Tensor] | None  # the base's keys and values, [B, N, d] each
-    self_attention_layout: TokenLayout | None
+    self_attention: SelfAttentionTensors | None
+
+
+@dataclass
+class SelfAttentionTensors:
+    """What the base computed in one block's video self-attention, [B, N, d] each, for effects that reuse it."""
+
+    input: torch.Tensor | None = None  # the self-attention's input (Wan: the modulated norm1 of the block input)
+    query_projection: torch.Tensor | None = None  # W_q input + b_q, before the query norm and RoPE
+    keys: torch.Tensor | None = None  # as attention sees them (normalised, rotated)
+    values: torch.Tensor | None = None
+    layout: TokenLayout | None = None
 
 
 @dataclass
@@ -184,9 +204,8 @@ class ForwardState:
     joint_video_start: int = 0
     effects: tuple[MotionEffect, ...] = ()  # those active in this call, in order
     observers: tuple[MotionEffect, ...] = ()
-    keep_self_attention_kv: bool = False
-    self_attention_kv: tuple[torch.Tensor, torch.Tensor] | None = None
-    self_attention_layout: TokenLayout | None = None
+    keep_self_attention: bool = False
+    self_attention: SelfAttentionTensors | None = None  # of the running block, when kept
     memo: dict = field(default_factory=dict)  # what an effect computes once per model call (keyed by the effect)
     _percent_sigmas: dict = field(default_factory=dict)
 
@@ -194,7 +213,7 @@ class ForwardState:
         """Keep the patch's effects that act in this call; False if none does."""
         self.effects = tuple(effect for effect in patch.effects if effect.active_in(self))
         self.observers = tuple(effect for effect in self.effects if effect in patch.observers)
-        self.keep_self_attention_kv = any(effect.uses_self_attention_kv for effect in self.effects)
+        self.keep_self_attention = any(effect.uses_self_attention for effect in self.effects)
         return bool(self.effects)
 
     def before_percent(self, percent: float) -> bool:
@@ -294,10 +313,33 @@ def _apply_model_wrapper(executor, *args, **kwargs):
     if not state.activate(patch):  # e.g. every step past tau: the hooks then pass straight through
         return executor(*args, **kwargs)
     transformer_options[FORWARD_KEY] = state
+    hooks = _watch_self_attention_queries(state) if state.keep_self_attention else ()
     try:
         return executor(*args, **kwargs)
     finally:
         transformer_options.pop(FORWARD_KEY, None)
+        for hook in hooks:
+            hook.remove()
+
+
+def _watch_self_attention_queries(state: ForwardState) -> list:
+    """Forward hooks, for this model call only, that keep each block's self-attention input and query projection.
+
+    The modules are shared by every clone of the model, so the hooks live exactly as long as the call.
+    """
+    path = state.family.self_attention_query
+    if path is None:
+        return []
+
+    def keep(module, inputs, output):
+        if state.self_attention is not None:
+            state.self_attention.input, state.self_attention.query_projection = inputs[0], output
+
+    hooks = []
+    for attribute, _ in state.family.block_lists:
+        for block in getattr(state.diffusion_model, attribute):
+            hooks.append(block.get_submodule(path).register_forward_hook(keep))
+    return hooks
 
 
 def _make_block_replace(block_index: int, block_type: str, previous: Callable | None) -> Callable:
@@ -313,10 +355,11 @@ def _make_block_replace(block_index: int, block_type: str, previous: Callable | 
 
         state.block_index, state.block_type = block_index, block_type
         state.attention_calls_in_block, state.block_tokens = 0, args["img"].shape[1]
+        if state.keep_self_attention:
+            state.self_attention = SelfAttentionTensors()
         try:
             out = run_block(args)
-            block_ctx = BlockContext(state.family, block_index, block_type, state, args, state.self_attention_kv,
-                                     state.self_attention_layout)
+            block_ctx = BlockContext(state.family, block_index, block_type, state, args, state.self_attention)
             for effect in state.effects:
                 residual = effect.block_residual(block_ctx, args["img"])
                 if residual is not None:
@@ -324,7 +367,7 @@ def _make_block_replace(block_index: int, block_type: str, previous: Callable | 
             return out
         finally:
             state.block_index = None
-            state.self_attention_kv = state.self_attention_layout = None
+            state.self_attention = None
 
     return block_replace
 
@@ -344,8 +387,9 @@ def _attention_override(func, *args, **kwargs):
     ctx = state.classify(q, k, kwargs.get("skip_reshape", False))
     if ctx is None:
         return attend(q, k, v, heads, *args[4:], **kwargs)
-    if ctx.kind is AttentionKind.VIDEO_SELF and state.keep_self_attention_kv:
-        state.self_attention_kv, state.self_attention_layout = (k, v), ctx.layout
+    if ctx.kind is AttentionKind.VIDEO_SELF and state.self_attention is not None:
+        kept = state.self_attention
+        kept.keys, kept.values, kept.layout = k, v, ctx.layout
 
     if ctx.kind is AttentionKind.TEXT_CROSS:
         replaced = None

@@ -40,7 +40,7 @@ else:  # the memory probe runs this file as a script
     from host import REPO, import_host
 
 GOALS = {"attention_time": 1.08, "attention_memory": 1.05, "end_to_end_time": 1.02, "switch_time": 1.01,
-         "merge_extra_tensors": 1.0}
+         "merge_extra_tensors": 1.0, "miva_one_adapter": 1.12, "miva_each_further_adapter": 0.10}
 HEADS, DIM_HEAD = 12, 128
 # Token counts as latent frames x (height/2) x (width/2) of Wan: 4,096 and 16,384 tokens.
 GEOMETRIES = {4096: (16, 16, 16), 16384: (16, 32, 32)}
@@ -48,6 +48,12 @@ GEOMETRIES = {4096: (16, 16, 16), 16384: (16, 32, 32)}
 EDG_GEOMETRY = {"dim": 1536, "ffn_dim": 8960, "layers": 4}
 EDG_MODEL_DIR = REPO / ".host" / "bench_models"
 EDG_CALL_TOKENS = (1, 60, 104)  # one latent frame of a 480p (832 x 480) Wan video: 30 x 52 = 1,560 tokens
+# MIVA: Wan 2.1 T2V 1.3B with two blocks, 5 latent frames of 16 x 26 tokens (a 17-frame 256 x 416 video), the
+# paper's ranks (cross-frame attention 128, implicit prompt 64).
+MIVA_GEOMETRY = {"dim": 1536, "ffn_dim": 8960, "layers": 2}
+MIVA_LATENT = (5, 32, 52)
+MIVA_RANKS = (128, 64)
+MIVA_ADAPTER_COUNTS = (0, 1, 2, 4)
 # Pairs of attention runs per token count: the large case is 16x slower and its margin wide.
 ATTENTION_PAIRS = {4096: 15, 16384: 3}
 
@@ -359,12 +365,70 @@ def bench_switch_overhead(pairs: int) -> dict:
             "ratio_of_medians": timing["ratio_of_medians"]}
 
 
+def miva_model_file() -> Path:
+    """A random fp16 Wan 2.1 T2V of 1.3B geometry with two blocks, made once."""
+    path = EDG_MODEL_DIR / "wan_1.3B_t2v_2_blocks.safetensors"
+    if path.exists():
+        return path
+    import torch
+    from safetensors.torch import save_file
+
+    from .tiny_models import _wan, random_state_dict
+
+    EDG_MODEL_DIR.mkdir(parents=True, exist_ok=True)
+    save_file(random_state_dict(_wan("t2v", 16, 16, **MIVA_GEOMETRY, device="meta"), 41, torch.float16), str(path))
+    return path
+
+
+def bench_miva(repeats: int) -> dict:
+    """Sampling (2 euler steps, cfg 1 as in the paper) with 0, 1, 2 and 4 adapters, runs interleaved."""
+    import torch
+
+    import nodes
+    from motion_dials.models.miva import Adapter, AdapterInfo
+    from motion_dials.nodes.miva import StackRow, apply_stack
+
+    from .sampling import conditioning
+    from .tiny_models import random_adapter_tensors
+
+    model = load_checkpoint(miva_model_file())
+    cfa_rank, prompt_rank = MIVA_RANKS
+    info = AdapterInfo(base="wan2.1-t2v-1.3b", motion="bench", subject="bench", dim=MIVA_GEOMETRY["dim"], heads=12,
+                       blocks=MIVA_GEOMETRY["layers"], cfa_rank=cfa_rank, prompt_rank=prompt_rank, mask_stream=False)
+    adapters = [Adapter.from_tensors(f"bench_{seed}", info, random_adapter_tensors(info, seed)) for seed in range(4)]
+    variants = {count: apply_stack(model, tuple(StackRow(a, 1.0 / max(count, 1), True) for a in adapters[:count]))
+                for count in MIVA_ADAPTER_COUNTS}
+    positive, negative, _ = conditioning("wan2.1_t2v")
+    latent = {"samples": torch.zeros(1, 16, *MIVA_LATENT)}
+
+    def run(variant):
+        with torch.inference_mode():
+            nodes.common_ksampler(variant, 0, 2, 1.0, "euler", "simple", positive, negative, latent)
+
+    for variant in variants.values():  # warm-up: loading, first-call allocations, adapter weights cast once
+        run(variant)
+    times = {count: [] for count in variants}
+    counts = list(variants)
+    for repeat in range(repeats):
+        order = counts[repeat % len(counts):] + counts[:repeat % len(counts)]
+        for count in order:
+            start = time.perf_counter()
+            run(variants[count])
+            times[count].append(time.perf_counter() - start)
+    medians = {count: statistics.median(values) for count, values in times.items()}
+    ratios = {count: medians[count] / medians[0] for count in counts}
+    frames, height, width = MIVA_LATENT
+    return {"bench": "MIVA, Wan 1.3B geometry, 2 blocks", "tokens": frames * height * width // 4,
+            "median_s": {str(c): medians[c] for c in counts}, "ratio": {str(c): ratios[c] for c in counts},
+            "further_adapter_step": max((ratios[2] - ratios[1]), (ratios[4] - ratios[2]) / 2)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply the number of timed runs (0.3 for a quick, noisier look)")
     parser.add_argument("--probe", nargs="+", help=argparse.SUPPRESS)
-    parser.add_argument("--only", choices=("dymos", "edg"), help="run one method's benchmarks")
+    parser.add_argument("--only", choices=("dymos", "edg", "miva"), help="run one method's benchmarks")
     parser.add_argument("--out", default=str(REPO / "bench-results.json"))
     args = parser.parse_args()
     if args.probe:
@@ -379,7 +443,7 @@ def main():
     import_host()
     register_tiny_models()
     results, within = {}, True
-    for name, run in (("dymos", run_dymos), ("edg", run_edg)):
+    for name, run in (("dymos", run_dymos), ("edg", run_edg), ("miva", run_miva)):
         if args.only in (None, name):
             part, part_within = run(args.scale)
             results.update(part)
@@ -425,6 +489,18 @@ def run_edg(scale: float) -> tuple[dict, bool]:
     within = (switch_overhead["time_ratio"] <= GOALS["switch_time"]
               and merge["extra_peak_tensors"] <= GOALS["merge_extra_tensors"])
     return {"switch_overhead": switch_overhead, "switch_cost": switch_cost, "merge": merge}, within
+
+
+def run_miva(scale: float) -> tuple[dict, bool]:
+    miva = bench_miva(max(3, round(8 * scale)))
+    print(f"{miva['bench']}, {miva['tokens']} tokens, 2 euler steps, cfg 1:")
+    for count, ratio in miva["ratio"].items():
+        print(f"  {count} adapters: {miva['median_s'][count]:.2f} s, ratio {ratio:.3f}")
+    print(f"  one adapter {miva['ratio']['1']:.3f} (goal <= {GOALS['miva_one_adapter']}); each further adapter adds "
+          f"at most {miva['further_adapter_step']:.3f} (goal <= {GOALS['miva_each_further_adapter']})")
+    within = (miva["ratio"]["1"] <= GOALS["miva_one_adapter"]
+              and miva["further_adapter_step"] <= GOALS["miva_each_further_adapter"])
+    return {"miva": miva}, within
 
 
 if __name__ == "__main__":
