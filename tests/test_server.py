@@ -73,7 +73,8 @@ def test_unsupported_model_fails_with_a_message_naming_the_supported_families(se
 
 
 PACK_NODES = ("DyMoSMotionSlider", "EDGMerge", "EDGTimestepSwitch", "MotionDialsModelMergeExtrapolate",
-              "MotionDialsDareAddDifference", "MotionDialsReferenceAttentionShare")
+              "MotionDialsDareAddDifference", "MotionDialsReferenceAttentionShare", "MIVALoader", "MIVAStack",
+              "MIVAApply", "MIVAConvert", "MIVAImageToVideoLatent", "MIVANoise", "MIVAAdaIN")
 
 
 @pytest.mark.parametrize("node", PACK_NODES)
