@@ -41,7 +41,11 @@ def test_object_info_lists_the_slider_with_tooltips(server):
     assert "Wan 2.2 I2V A14B strength 0.6" in strength["tooltip"]
 
 
-@pytest.mark.parametrize("name", ["dymos_wan21_i2v", "dymos_wan22_i2v", "edg_wan21_i2v", "edg_switch_wan22_i2v"])
+SHIPPED_ON_TINY_MODELS = ["dymos_wan21_i2v", "dymos_wan22_i2v", "edg_wan21_i2v", "edg_switch_wan22_i2v",
+                          "miva_wan21_one_adapter", "miva_wan21_two_adapters", "miva_dymos_wan21"]
+
+
+@pytest.mark.parametrize("name", SHIPPED_ON_TINY_MODELS)
 def test_shipped_workflow_runs_through_the_api(server, name, tmp_path):
     outputs = run_prompt(server, tiny_workflow(name))
     saved = [item for node_out in outputs.values() for item in node_out.get("images", [])]

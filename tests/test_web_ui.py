@@ -15,7 +15,8 @@ ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SHIPPED = ["dymos_wan21_i2v", "dymos_wan22_i2v", "dymos_hunyuan15_i2v", "edg_wan21_i2v", "edg_switch_wan22_i2v"]
+SHIPPED = ["dymos_wan21_i2v", "dymos_wan22_i2v", "dymos_hunyuan15_i2v", "edg_wan21_i2v", "edg_switch_wan22_i2v",
+           "miva_wan21_one_adapter", "miva_wan21_two_adapters", "miva_dymos_wan21"]
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +115,9 @@ def screenshot_around(page, node_type: str, file_name: str, scale: float = 1.3, 
     assert (directory / file_name).stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("name", ["edg_wan21_i2v", "edg_switch_wan22_i2v"])
-def test_edg_workflow_queued_from_the_web_ui_finishes(page, server, name):
+@pytest.mark.parametrize("name", ["edg_wan21_i2v", "edg_switch_wan22_i2v", "miva_wan21_one_adapter",
+                                  "miva_wan21_two_adapters", "miva_dymos_wan21"])
+def test_shipped_workflow_queued_from_the_web_ui_finishes(page, server, name):
     load_tiny_graph(page, server, name)
     entry = queue_from_the_browser(page, server)
     saved = [item for node_out in entry["outputs"].values() for item in node_out.get("images", [])]
@@ -145,7 +147,7 @@ def test_slider_in_the_web_ui_drives_a_real_run(page, server):
 
 
 # ---- MIVA (js/miva.js) ---------------------------------------------------------------------------------------
-HORSE, WATERFALL = "miva_tiny_horse_running.safetensors", "miva_tiny_waterfall.safetensors"
+HORSE, WATERFALL = "miva_wan2.1_t2v_1.3b_horse_running.safetensors", "miva_wan2.1_t2v_1.3b_waterfall.safetensors"
 STACK_ROWS = 8
 EMPTY_ROW = ("None", 1.0, True)
 

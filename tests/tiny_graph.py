@@ -19,8 +19,8 @@ FIXTURE_TOKENS = 8
 ENCODER_LOADERS = {"CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader", "QuadrupleCLIPLoader", "CLIPVisionLoader"}
 MODEL_LOADERS = {"UNETLoader", "CheckpointLoaderSimple"}
 LATENT_BUILDERS = {"WanImageToVideo", "HunyuanVideo15ImageToVideo", "Wan22ImageToVideoLatent",
-                   "EmptyHunyuanLatentVideo", "EmptyHunyuanVideo15Latent"}
-SAMPLERS = {"KSampler", "KSamplerAdvanced"}
+                   "EmptyHunyuanLatentVideo", "EmptyHunyuanVideo15Latent", "MIVAImageToVideoLatent"}
+STEP_SETTERS = {"KSampler", "KSamplerAdvanced", "BasicScheduler"}
 
 
 def family_from_model_names(names) -> str:
@@ -80,7 +80,7 @@ def shrink_api(workflow: dict, *, size: int = 64, length: int = 9, steps: int = 
         inputs = node["inputs"]
         if node["class_type"] in LATENT_BUILDERS:
             inputs.update(width=size, height=size, length=length)
-        if node["class_type"] in SAMPLERS:
+        if node["class_type"] in STEP_SETTERS:
             full = inputs["steps"]
             inputs["steps"] = steps
             for key in ("start_at_step", "end_at_step"):

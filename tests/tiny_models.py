@@ -174,10 +174,11 @@ class TinyAdapter:
 
 
 # MIVA adapters for the tiny Wan 2.1 T2V (no trained adapter is published anywhere): random weights in the
-# Motion Dials format, output projections included, so that each one visibly moves the video.
+# Motion Dials format, output projections included, so that each one visibly moves the video. Named as the
+# shipped MIVA workflows name the adapters a user converts.
 ADAPTERS = (
-    TinyAdapter("miva_tiny_horse_running.safetensors", "horse running", "horse", 16, 31),
-    TinyAdapter("miva_tiny_waterfall.safetensors", "waterfall", "waterfall", 0, 32),
+    TinyAdapter("miva_wan2.1_t2v_1.3b_horse_running.safetensors", "horse running", "horse", 16, 31),
+    TinyAdapter("miva_wan2.1_t2v_1.3b_waterfall.safetensors", "waterfall", "waterfall", 0, 32),
 )
 ADAPTER_CFA_RANK = 8
 
