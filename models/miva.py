@@ -51,6 +51,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .attention import QueryGroup, grouped_bias_attention, sdpa
+
 FORMAT = "motion-dials/miva"
 FORMAT_VERSION = 1
 WEIGHTING_TEMPERATURE = 0.2
@@ -378,14 +380,23 @@ class ReferenceFrames:
         gathered = gathered.flatten(0, 1).transpose(1, 2)
         return cls(gathered, values[:, :1].expand(shape), values[:, previous], frames, heads)
 
-    def attend(self, query: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
-        """Cross-frame attention of ``query`` [B, F*T, d] with frame weights [B, 2]; returns [B, F*T, d]."""
+    def attend(self, query: torch.Tensor, lambdas: torch.Tensor,
+               groups: list[QueryGroup] | None = None) -> torch.Tensor:
+        """Cross-frame attention of ``query`` [B, F*T, d] with frame weights [B, 2]; returns [B, F*T, d].
+
+        ``groups`` biases the logits (M-MIVA's subject mask): query groups over one frame's T queries, key biases
+        over its 2T keys, the same for every frame.
+        """
         batch, tokens, width = query.shape
         scale = lambdas.to(self.first_values.dtype).view(batch, 1, 1, 1, 1, 2)
         values = torch.cat((self.first_values * scale[..., 0], self.previous_values * scale[..., 1]), dim=2)
         values = values.flatten(0, 1).transpose(1, 2)  # [B * F, H, 2T, D]
         q = query.reshape(batch * self.frames, tokens // self.frames, self.heads, width // self.heads).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, self.keys, values)
+        if groups is None:
+            out = F.scaled_dot_product_attention(q, self.keys, values)
+        else:
+            out = grouped_bias_attention(sdpa, q, self.keys, values, self.heads, groups, skip_reshape=True,
+                                         skip_output_reshape=True)
         return out.transpose(1, 2).reshape(batch, tokens, width)
 
 
@@ -398,9 +409,11 @@ def adapter_query(x: torch.Tensor, base_query: torch.Tensor, weights: CrossFrame
 
 def cross_frame_residual(x: torch.Tensor, base_query: torch.Tensor, frames: ReferenceFrames,
                          time_embedding: torch.Tensor, weights: CrossFrameWeights,
-                         rope: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """One adapter's cross-frame attention output for the video tokens, [B, F*T, d]."""
-    attention = frames.attend(adapter_query(x, base_query, weights, rope), frame_weights(weights, time_embedding))
+                         rope: Callable[[torch.Tensor], torch.Tensor],
+                         mask_groups: list[QueryGroup] | None = None) -> torch.Tensor:
+    """One adapter's cross-frame attention output for the video tokens, [B, F*T, d] (masked by ``mask_groups``)."""
+    attention = frames.attend(adapter_query(x, base_query, weights, rope), frame_weights(weights, time_embedding),
+                              mask_groups)
     return low_rank(attention, weights.o_down, weights.o_up)
 
 

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
+import comfy.utils
 import folder_paths
 import torch
 from comfy.ldm.flux.math import apply_rope1
 from comfy.ldm.wan.model import sinusoidal_embedding_1d
 from comfy_api.latest import io, ui
 
+from ..models.mask_attention import BACKGROUND, reference_keys, region_groups, region_map, score_groups
 from ..models.miva import (
     Adapter,
     BlockAdapter,
@@ -31,7 +33,16 @@ from ..models.miva import (
     read_training_output,
     save_adapter,
 )
-from .patcher_core import WAN, AttentionContext, AttentionKind, BlockContext, MotionEffect, apply_effect, detect_family
+from .patcher_core import (
+    WAN,
+    AttentionContext,
+    AttentionKind,
+    BlockContext,
+    MotionEffect,
+    TokenLayout,
+    apply_effect,
+    detect_family,
+)
 
 CATEGORY = "Motion Dials/MIVA"
 FOLDER = "miva"
@@ -93,10 +104,20 @@ class StackRow:
     adapter: Adapter
     weight: float
     enabled: bool
+    # The subject's mask in the start image, [H, W] in [0, 1] (M-MIVA), or None for a plain adapter.
+    mask: torch.Tensor | None = field(default=None, compare=False)
 
     @property
     def acts(self) -> bool:
         return self.enabled and self.weight != 0.0
+
+
+def first_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The start image's mask, [H, W] in [0, 1], from a ComfyUI MASK ([B, H, W] or [H, W]; the first is used)."""
+    if mask.ndim not in (2, 3) or mask.shape[-1] < 1 or mask.shape[-2] < 1:
+        raise ValueError(f"The subject mask must be a MASK of shape [batch, height, width]; got {list(mask.shape)}.")
+    mask = mask if mask.ndim == 2 else mask[0]
+    return mask.float().clamp(0.0, 1.0).cpu()
 
 
 def describe(adapter: Adapter) -> str:
@@ -126,15 +147,68 @@ def check_fits(adapter: Adapter, model) -> None:
         )
 
 
+def token_scores(mask: torch.Tensor, height: int, width: int, device) -> torch.Tensor:
+    """A subject mask [H, W] as scores on a frame's token grid, [height * width]: centre-cropped to the grid's
+    aspect like the start image (MIVA Image To Video Latent), then resized bilinearly (REFERENCE section 3)."""
+    resized = comfy.utils.common_upscale(mask[None, None].float(), width, height, "bilinear", "center")
+    return resized.flatten().clamp(0.0, 1.0).to(device)
+
+
+@dataclass
+class MaskPlan:
+    """The subject-mask biases of one token grid, as query groups: computed once, used by every step and block."""
+
+    self_attention: list  # over the F * T video tokens, queries and keys
+    cross_frame: list  # per row: over a frame's T queries and its 2T keys [frame 0 ; previous frame]
+
+
+def plan_masks(rows: tuple[StackRow, ...], layout: TokenLayout, device) -> MaskPlan:
+    """Every frame takes frame 0's mask. One masked adapter alone biases the self-attention with its own soft
+    scores; with several adapters the self-attention follows the region map, and an adapter without a mask
+    takes the background as its mask in its cross-frame attention."""
+    scores = [None if row.mask is None else token_scores(row.mask, layout.height, layout.width, device)
+              for row in rows]
+    if len(rows) == 1:
+        (frame,) = scores
+        video = frame.repeat(layout.frames)
+        return MaskPlan(score_groups(video, video), [score_groups(frame, reference_keys(frame))])
+    labels = region_map(torch.stack([s for s in scores if s is not None]))
+    background = (labels == BACKGROUND).float()
+    video_labels = labels.repeat(layout.frames)
+    cross_frame = []
+    for frame in scores:
+        frame = background if frame is None else frame
+        cross_frame.append(score_groups(frame, reference_keys(frame)))
+    return MaskPlan(region_groups(video_labels, video_labels), cross_frame)
+
+
 class MivaEffect(MotionEffect):
-    """The enabled, non-zero rows of a stack: cross-frame attention residuals and implicit-prompt MLPs."""
+    """The enabled, non-zero rows of a stack: cross-frame attention residuals and implicit-prompt MLPs, and with
+    subject masks (M-MIVA) their attention biases."""
 
     uses_self_attention = True
 
     def __init__(self, rows: tuple[StackRow, ...]):
         self.rows = rows
         self.prompt_rows = tuple(i for i, row in enumerate(rows) if row.adapter.info.prompt_rank)
+        self.masked = any(row.mask is not None for row in rows)
         self._blocks_on: dict = {}
+        self._mask_plans: dict = {}
+
+    def _mask_plan(self, layout: TokenLayout, device) -> MaskPlan | None:
+        if not self.masked or (layout.video_start, layout.video_end) != (0, layout.sequence_length):
+            return None
+        key = (layout.frames, layout.height, layout.width, device)
+        plan = self._mask_plans.get(key)
+        if plan is None:
+            plan = self._mask_plans[key] = plan_masks(self.rows, layout, device)
+        return plan
+
+    def logit_bias(self, ctx: AttentionContext):
+        if ctx.kind is not AttentionKind.VIDEO_SELF:
+            return None
+        plan = self._mask_plan(ctx.layout, ctx.forward.device)
+        return None if plan is None else plan.self_attention
 
     def _block_weights(self, block_index: int, like: torch.Tensor) -> list[BlockAdapter]:
         key = (block_index, like.device, like.dtype)
@@ -171,9 +245,12 @@ class MivaEffect(MotionEffect):
             return apply_rope1(query.unflatten(-1, (heads, -1)), freqs).flatten(-2)
 
         time_embedding = self._time_embedding(ctx, x.dtype)
+        plan = self._mask_plan(layout, x.device)
         residual = None
-        for row, weights in zip(self.rows, self._block_weights(ctx.block_index, x), strict=True):
-            part = cross_frame_residual(x, base_query, frames, time_embedding, weights.cfa, rope) * row.weight
+        for i, (row, weights) in enumerate(zip(self.rows, self._block_weights(ctx.block_index, x), strict=True)):
+            mask_groups = None if plan is None else plan.cross_frame[i]
+            part = cross_frame_residual(x, base_query, frames, time_embedding, weights.cfa, rope, mask_groups)
+            part = part * row.weight
             residual = part if residual is None else residual + part
         if (start, end) != (0, block_input.shape[1]):
             padded = torch.zeros_like(block_input)
@@ -227,17 +304,27 @@ class MIVALoader(io.ComfyNode):
                 io.Model.Input("model", optional=True,
                                tooltip="Optional: the model the adapter will meet. When connected, the loader "
                                "checks family, width, heads and block count right here."),
+                io.Mask.Input("subject_mask", optional=True,
+                              tooltip="Optional (M-MIVA): the moving subject's mask in the start image, e.g. from "
+                              "Subject Mask. Attention then keeps the subject and its surroundings apart, so the "
+                              "adapter's motion stays on the subject. Frame 0's mask is used for every frame. "
+                              "Where masks of a stack overlap, the later adapter's subject wins; an adapter without "
+                              "a mask in a masked stack moves the background."),
             ],
             outputs=[MivaStackType.Output(display_name="stack", tooltip="The adapters so far, in order.")],
         )
 
     @classmethod
-    def execute(cls, adapter_name, weight, stack=None, model=None) -> io.NodeOutput:
+    def execute(cls, adapter_name, weight, stack=None, model=None, subject_mask=None) -> io.NodeOutput:
         adapter = load_named_adapter(adapter_name)
         if model is not None:
             check_fits(adapter, model)
-        rows = tuple(stack or ()) + (StackRow(adapter, weight, True),)
-        return io.NodeOutput(rows, ui=ui.PreviewText(describe(adapter)))
+        mask = None if subject_mask is None else first_mask(subject_mask)
+        rows = tuple(stack or ()) + (StackRow(adapter, weight, True, mask),)
+        text = describe(adapter)
+        if mask is not None:
+            text += f"\nsubject mask {mask.shape[1]} x {mask.shape[0]}, covering {float(mask.mean()):.0%} of the image"
+        return io.NodeOutput(rows, ui=ui.PreviewText(text))
 
 
 class MIVAStack(io.ComfyNode):

@@ -68,11 +68,12 @@ def rope(x, pe, heads):
     return (pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]).reshape(x.shape)
 
 
-def attention(q, k, v, heads):
-    """softmax(q k^T / sqrt(D)) v per head, [B, Lq, d] x [B, Lk, d]."""
+def attention(q, k, v, heads, bias=None):
+    """softmax(q k^T / sqrt(D) + bias) v per head, [B, Lq, d] x [B, Lk, d], bias [Lq, Lk] or None."""
     split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
     q, k, v = split(q), split(k), split(v)
-    weights = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    weights = torch.softmax(logits if bias is None else logits + bias.to(logits), dim=-1)
     return (weights @ v).transpose(1, 2).flatten(2)
 
 
@@ -85,8 +86,11 @@ def time_embedding(state, timesteps):
     return F.linear(F.silu(hidden), state["time_embedding.2.weight"], state["time_embedding.2.bias"])
 
 
-def reference_block(state, i, x, vec, pe, context, rows, t_emb, frames, heads):
-    """Wan block i with MIVA rows [(BlockAdapter, weight)], every frame's cross-frame attention in a loop."""
+def reference_block(state, i, x, vec, pe, context, rows, t_emb, frames, heads, sa_bias=None, cfa_biases=None):
+    """Wan block i with MIVA rows [(BlockAdapter, weight)], every frame's cross-frame attention in a loop.
+
+    M-MIVA: ``sa_bias`` [N, N] on the self-attention logits, ``cfa_biases[r]`` [T, 2T] on row r's cross-frame ones.
+    """
     p = lambda name: state[f"blocks.{i}.{name}"]  # noqa: E731
     lin = lambda t, name: F.linear(t, p(f"{name}.weight"), p(f"{name}.bias"))  # noqa: E731
     norm = lambda t: F.layer_norm(t, t.shape[-1:], eps=1e-6)  # noqa: E731
@@ -95,12 +99,12 @@ def reference_block(state, i, x, vec, pe, context, rows, t_emb, frames, heads):
     q = rope(rms_norm(lin(xs, "self_attn.q"), p("self_attn.norm_q.weight")), pe, heads)
     k = rope(rms_norm(lin(xs, "self_attn.k"), p("self_attn.norm_k.weight")), pe, heads)
     v = lin(xs, "self_attn.v")
-    x1 = x + lin(attention(q, k, v, heads), "self_attn.o") * e[2]
+    x1 = x + lin(attention(q, k, v, heads, sa_bias), "self_attn.o") * e[2]
 
     residual = torch.zeros_like(x)
     per_frame = x.shape[1] // frames
     frame = lambda t, f: t[:, f * per_frame:(f + 1) * per_frame]  # noqa: E731
-    for block_adapter, weight in rows:
+    for r, (block_adapter, weight) in enumerate(rows):
         cfa = block_adapter.cfa
         qa = lin(xs, "self_attn.q") + xs @ cfa.q_down.float().T @ cfa.q_up.float().T
         qa = rope(rms_norm(qa, cfa.norm_q.float()), pe, heads)
@@ -111,7 +115,7 @@ def reference_block(state, i, x, vec, pe, context, rows, t_emb, frames, heads):
             previous = max(f - 1, 0)
             keys = torch.cat([frame(k, 0), frame(k, previous)], dim=1)
             values = torch.cat([lambdas[:, :1, None] * frame(v, 0), lambdas[:, 1:, None] * frame(v, previous)], dim=1)
-            outputs.append(attention(frame(qa, f), keys, values, heads))
+            outputs.append(attention(frame(qa, f), keys, values, heads, None if cfa_biases is None else cfa_biases[r]))
         residual = residual + weight * (torch.cat(outputs, dim=1) @ cfa.o_down.float().T @ cfa.o_up.float().T)
 
     xc = F.layer_norm(x1, x1.shape[-1:], p("norm3.weight"), p("norm3.bias"), eps=1e-6)
