@@ -14,8 +14,15 @@ EDG, same run:
     one model pays besides moving it; in seconds and as a fraction of one model call;
 (e) EDG Merge of two models of Wan 1.3B geometry with four blocks (fp16 files, computed in fp32 as
     ComfyUI patches): time, and peak memory above the two loaded inputs, in units of the largest tensor.
+MIVA, same run:
+(f) sampling at Wan 1.3B geometry (2 blocks, 2,080 tokens) with 0, 1, 2 and 4 adapters, interleaved runs,
+    ratios of medians;
+(g) M-MIVA: one self-attention call with a subject-mask bias (one subject, or two subjects and the
+    background) vs plain: time at N = 4,096, peak memory at 4,096 and 16,384; sampling with masked
+    adapters vs the same adapters plain.
 Prints a table and writes bench-results.json. Goals: (a) time <= 1.08, memory <= 1.05; (b) <= 1.02;
-(c) <= 1.01; (e) extra peak <= one (fp32) tensor.
+(c) <= 1.01; (e) extra peak <= one (fp32) tensor; (f) one adapter <= 1.12, each further <= 0.10;
+(g) memory at N = 16,384 <= 1.10, one masked adapter <= 1.15 times plain.
 """
 
 from __future__ import annotations
@@ -40,7 +47,8 @@ else:  # the memory probe runs this file as a script
     from host import REPO, import_host
 
 GOALS = {"attention_time": 1.08, "attention_memory": 1.05, "end_to_end_time": 1.02, "switch_time": 1.01,
-         "merge_extra_tensors": 1.0, "miva_one_adapter": 1.12, "miva_each_further_adapter": 0.10}
+         "merge_extra_tensors": 1.0, "miva_one_adapter": 1.12, "miva_each_further_adapter": 0.10,
+         "mask_attention_memory": 1.10, "masked_adapter": 1.15}
 HEADS, DIM_HEAD = 12, 128
 # Token counts as latent frames x (height/2) x (width/2) of Wan: 4,096 and 16,384 tokens.
 GEOMETRIES = {4096: (16, 16, 16), 16384: (16, 32, 32)}
@@ -68,11 +76,51 @@ def attention_function(backend: str):
     return comfy_attention.optimized_attention if backend == "host_default" else getattr(comfy_attention, backend)
 
 
-def attention_case(tokens: int, patched: bool, backend: str):
+def subject_masks(subjects: int) -> list:
+    """Masks of ``subjects`` overlapping discs in a 480 x 832 start image, as Subject Mask gives them."""
+    import torch
+
+    rows, columns = torch.meshgrid(torch.arange(480.0), torch.arange(832.0), indexing="ij")
+    return [((rows - 240) ** 2 + (columns - 300 - 230 * i) ** 2 < 160**2).float() for i in range(subjects)]
+
+
+def subject_scores(frames: int, height: int, width: int, subjects: int):
+    """The masks' token scores (centre-cropped and resized to the token grid as MIVA does: 0 and 1 inside, soft on
+    the edge), each on every frame, [subjects, F * H * W]."""
+    import torch
+
+    from motion_dials.nodes.miva import token_scores
+
+    return torch.stack([token_scores(mask, height, width, "cpu").repeat(frames) for mask in subject_masks(subjects)])
+
+
+def attention_effect(variant: str, frames: int, height: int, width: int):
+    """The Motion Dials effect whose bias the attention call carries."""
+    from motion_dials.models.mask_attention import region_groups, region_map, score_groups
+    from motion_dials.nodes.dymos import DyMoSEffect
+    from motion_dials.nodes.patcher_core import MotionEffect
+
+    if variant == "dymos":
+        return DyMoSEffect(1.0, 0.2, "uniform", 1)
+
+    class SubjectMaskBias(MotionEffect):  # what MIVA's effect gives the self-attention, planned once
+        def __init__(self, groups):
+            self.groups = groups
+
+        def logit_bias(self, ctx):
+            return self.groups
+
+    scores = subject_scores(frames, height, width, 1 if variant == "subject mask" else 2)
+    if variant == "subject mask":
+        return SubjectMaskBias(score_groups(scores[0], scores[0]))
+    labels = region_map(scores)
+    return SubjectMaskBias(region_groups(labels, labels))
+
+
+def attention_case(tokens: int, variant: str, backend: str):
     """A callable doing one attention call as Wan's self-attention makes it, and what it needs."""
     import torch
 
-    from motion_dials.nodes.dymos import DyMoSEffect
     from motion_dials.nodes.patcher_core import (
         FORWARD_KEY,
         PATCH_KEY,
@@ -86,7 +134,7 @@ def attention_case(tokens: int, patched: bool, backend: str):
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, tokens, HEADS * DIM_HEAD, generator=generator) for _ in range(3))
     attention = attention_function(backend)
-    if not patched:
+    if variant == "unpatched":
         return lambda: attention(q, k, v, heads=HEADS, transformer_options={})
 
     class ActiveSampling:  # every step is inside tau: the call under test is always biased
@@ -98,7 +146,7 @@ def attention_case(tokens: int, patched: bool, backend: str):
         family=WAN, patch_size=(1, 2, 2), sigma=1.0, device=q.device, model_sampling=ActiveSampling(),
         cond_or_uncond=[0], latent_grid=(frames, height * 2, width * 2),
     )
-    patch = MotionDialsPatch(WAN, (1, 2, 2), (DyMoSEffect(1.0, 0.2, "uniform", 1),), None)
+    patch = MotionDialsPatch(WAN, (1, 2, 2), (attention_effect(variant, frames, height, width),), None)
     state.activate(patch)
     options = {PATCH_KEY: patch, FORWARD_KEY: state, "optimized_attention_override": _attention_override}
 
@@ -150,17 +198,17 @@ def run_probe(*args: str) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
-def attention_memory_probe(tokens: int, patched: bool, backend: str) -> int:
+def attention_memory_probe(tokens: int, variant: str, backend: str) -> int:
     """Peak resident bytes of one attention call, its inputs included."""
     import_host()
     before_inputs = _resident_bytes()
-    call = attention_case(tokens, patched, backend)
+    call = attention_case(tokens, variant, backend)
     peak, _ = peak_resident_during(call)
     return peak - before_inputs
 
 
-def measure_memory(tokens: int, patched: bool, backend: str) -> int:
-    return int(run_probe("attention", str(tokens), "patched" if patched else "unpatched", backend))
+def measure_memory(tokens: int, variant: str, backend: str) -> int:
+    return int(run_probe("attention", str(tokens), variant, backend))
 
 
 def timed_pairs(baseline, candidate, pairs: int) -> dict:
@@ -189,23 +237,24 @@ def timed_pairs(baseline, candidate, pairs: int) -> dict:
     }
 
 
-def bench_attention(pairs_scale: float) -> list[dict]:
+def bench_attention(pairs_scale: float, variant: str = "dymos", timed=tuple(GEOMETRIES),
+                    measured=tuple(GEOMETRIES)) -> list[dict]:
+    """Biased vs plain attention: peak memory at each of ``measured`` token counts, time at those also ``timed``."""
     rows = []
-    for backend, tokens in itertools.product(BACKENDS, GEOMETRIES):
-        timing = timed_pairs(attention_case(tokens, False, backend), attention_case(tokens, True, backend),
-                             max(3, round(ATTENTION_PAIRS[tokens] * pairs_scale)))
-        memory = {name: measure_memory(tokens, name == "patched", backend) for name in ("unpatched", "patched")}
-        rows.append({
-            "bench": f"attention N={tokens}",
-            "backend": attention_function(backend).__name__,
-            "unpatched_s": timing["baseline_s"],
-            "patched_s": timing["candidate_s"],
-            "time_ratio": timing["pair_ratio"],
-            "time_ratio_quartiles": timing["pair_ratio_quartiles"],
-            "unpatched_peak_mib": memory["unpatched"] / 2**20,
-            "patched_peak_mib": memory["patched"] / 2**20,
-            "memory_ratio": memory["patched"] / memory["unpatched"],
-        })
+    for backend, tokens in itertools.product(BACKENDS, measured):
+        row = {"bench": f"attention N={tokens}" + ("" if variant == "dymos" else f", {variant}"),
+               "backend": attention_function(backend).__name__}
+        if tokens in timed:
+            timing = timed_pairs(attention_case(tokens, "unpatched", backend),
+                                 attention_case(tokens, variant, backend),
+                                 max(3, round(ATTENTION_PAIRS[tokens] * pairs_scale)))
+            row.update(unpatched_s=timing["baseline_s"], patched_s=timing["candidate_s"],
+                       time_ratio=timing["pair_ratio"], time_ratio_quartiles=timing["pair_ratio_quartiles"])
+        memory = {name: measure_memory(tokens, kind, backend)
+                  for name, kind in (("unpatched", "unpatched"), ("patched", variant))}
+        row.update(unpatched_peak_mib=memory["unpatched"] / 2**20, patched_peak_mib=memory["patched"] / 2**20,
+                   memory_ratio=memory["patched"] / memory["unpatched"])
+        rows.append(row)
     return rows
 
 
@@ -380,8 +429,9 @@ def miva_model_file() -> Path:
     return path
 
 
-def bench_miva(repeats: int) -> dict:
-    """Sampling (2 euler steps, cfg 1 as in the paper) with 0, 1, 2 and 4 adapters, runs interleaved."""
+def time_miva_stacks(stacks: dict, repeats: int) -> dict:
+    """Median seconds of sampling (2 euler steps, cfg 1 as in the paper) the MIVA-geometry model with each stack,
+    runs interleaved. ``stacks`` maps a name to a tuple of (adapter number, weight, mask or None)."""
     import torch
 
     import nodes
@@ -396,8 +446,8 @@ def bench_miva(repeats: int) -> dict:
     info = AdapterInfo(base="wan2.1-t2v-1.3b", motion="bench", subject="bench", dim=MIVA_GEOMETRY["dim"], heads=12,
                        blocks=MIVA_GEOMETRY["layers"], cfa_rank=cfa_rank, prompt_rank=prompt_rank, mask_stream=False)
     adapters = [Adapter.from_tensors(f"bench_{seed}", info, random_adapter_tensors(info, seed)) for seed in range(4)]
-    variants = {count: apply_stack(model, tuple(StackRow(a, 1.0 / max(count, 1), True) for a in adapters[:count]))
-                for count in MIVA_ADAPTER_COUNTS}
+    variants = {name: apply_stack(model, tuple(StackRow(adapters[i], weight, True, mask) for i, weight, mask in rows))
+                for name, rows in stacks.items()}
     positive, negative, _ = conditioning("wan2.1_t2v")
     latent = {"samples": torch.zeros(1, 16, *MIVA_LATENT)}
 
@@ -407,20 +457,38 @@ def bench_miva(repeats: int) -> dict:
 
     for variant in variants.values():  # warm-up: loading, first-call allocations, adapter weights cast once
         run(variant)
-    times = {count: [] for count in variants}
-    counts = list(variants)
+    times = {name: [] for name in variants}
+    names = list(variants)
     for repeat in range(repeats):
-        order = counts[repeat % len(counts):] + counts[:repeat % len(counts)]
-        for count in order:
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
             start = time.perf_counter()
-            run(variants[count])
-            times[count].append(time.perf_counter() - start)
-    medians = {count: statistics.median(values) for count, values in times.items()}
-    ratios = {count: medians[count] / medians[0] for count in counts}
+            run(variants[name])
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def bench_miva(repeats: int) -> dict:
+    """Sampling with 0, 1, 2 and 4 adapters."""
+    medians = time_miva_stacks({count: tuple((i, 1.0 / max(count, 1), None) for i in range(count))
+                                for count in MIVA_ADAPTER_COUNTS}, repeats)
+    ratios = {count: medians[count] / medians[0] for count in MIVA_ADAPTER_COUNTS}
     frames, height, width = MIVA_LATENT
     return {"bench": "MIVA, Wan 1.3B geometry, 2 blocks", "tokens": frames * height * width // 4,
-            "median_s": {str(c): medians[c] for c in counts}, "ratio": {str(c): ratios[c] for c in counts},
+            "median_s": {str(c): medians[c] for c in medians}, "ratio": {str(c): ratios[c] for c in ratios},
             "further_adapter_step": max((ratios[2] - ratios[1]), (ratios[4] - ratios[2]) / 2)}
+
+
+def bench_masked_adapters(repeats: int) -> dict:
+    """One adapter with a subject mask vs the same adapter plain, and two masked adapters vs the two plain."""
+    frames, height, width = MIVA_LATENT
+    masks = subject_masks(2)
+    medians = time_miva_stacks({
+        "one plain": ((0, 1.0, None),), "one masked": ((0, 1.0, masks[0]),),
+        "two plain": ((0, 0.5, None), (1, 0.5, None)), "two masked": ((0, 0.5, masks[0]), (1, 0.5, masks[1])),
+    }, repeats)
+    return {"bench": "M-MIVA, Wan 1.3B geometry, 2 blocks", "tokens": frames * height * width // 4,
+            "median_s": medians, "one_ratio": medians["one masked"] / medians["one plain"],
+            "two_ratio": medians["two masked"] / medians["two plain"]}
 
 
 def main():
@@ -428,14 +496,14 @@ def main():
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply the number of timed runs (0.3 for a quick, noisier look)")
     parser.add_argument("--probe", nargs="+", help=argparse.SUPPRESS)
-    parser.add_argument("--only", choices=("dymos", "edg", "miva"), help="run one method's benchmarks")
+    parser.add_argument("--only", choices=("dymos", "edg", "miva", "mmiva"), help="run one method's benchmarks")
     parser.add_argument("--out", default=str(REPO / "bench-results.json"))
     args = parser.parse_args()
     if args.probe:
         kind, *probe_args = args.probe
         if kind == "attention":
             tokens, variant, backend = probe_args
-            print(attention_memory_probe(int(tokens), variant == "patched", backend))
+            print(attention_memory_probe(int(tokens), variant, backend))
         else:
             print(json.dumps(merge_probe(*probe_args)))
         return
@@ -443,7 +511,7 @@ def main():
     import_host()
     register_tiny_models()
     results, within = {}, True
-    for name, run in (("dymos", run_dymos), ("edg", run_edg), ("miva", run_miva)):
+    for name, run in (("dymos", run_dymos), ("edg", run_edg), ("miva", run_miva), ("mmiva", run_mmiva)):
         if args.only in (None, name):
             part, part_within = run(args.scale)
             results.update(part)
@@ -455,17 +523,24 @@ def main():
     print(f"wrote {out}")
 
 
+def print_attention_rows(rows: list[dict], time_goal, memory_goal) -> None:
+    print(f"{'benchmark':<48} {'unpatched':>10} {'patched':>10} {'time':>7} {'(quartiles)':>13} {'goal':>6}  "
+          f"{'memory':>7} {'goal':>6}")
+    for row in rows:
+        timing = f"{'':>10} {'':>10} {'':>7} {'':>13} {'':>6}"
+        if "time_ratio" in row:
+            low, high = row["time_ratio_quartiles"]
+            timing = (f"{row['unpatched_s']:>9.3f}s {row['patched_s']:>9.3f}s {row['time_ratio']:>7.3f} "
+                      f"{f'({low:.3f}-{high:.3f})':>13} {time_goal or '':>6}")
+        name = f"{row['bench']} ({row['backend']})"
+        print(f"{name:<48} {timing}  {row['memory_ratio']:>7.3f} {memory_goal:>6}")
+
+
 def run_dymos(scale: float) -> tuple[dict, bool]:
     attention_rows = bench_attention(scale)
     end_to_end = bench_end_to_end(max(3, round(10 * scale)))
-    print(f"{'benchmark':<40} {'unpatched':>10} {'patched':>10} {'time':>7} {'(quartiles)':>13} {'goal':>6}  "
-          f"{'memory':>7} {'goal':>6}")
-    for row in attention_rows:
-        low, high = row["time_ratio_quartiles"]
-        print(f"{row['bench'] + ' (' + row['backend'] + ')':<40} {row['unpatched_s']:>9.3f}s {row['patched_s']:>9.3f}s "
-              f"{row['time_ratio']:>7.3f} {f'({low:.3f}-{high:.3f})':>13} {GOALS['attention_time']:>6}  "
-              f"{row['memory_ratio']:>7.3f} {GOALS['attention_memory']:>6}")
-    print(f"{end_to_end['bench']:<40} {end_to_end['unpatched_s']:>9.3f}s {end_to_end['patched_s']:>9.3f}s "
+    print_attention_rows(attention_rows, GOALS["attention_time"], GOALS["attention_memory"])
+    print(f"{end_to_end['bench']:<48} {end_to_end['unpatched_s']:>9.3f}s {end_to_end['patched_s']:>9.3f}s "
           f"{end_to_end['time_ratio']:>7.3f} {'':>13} {GOALS['end_to_end_time']:>6}")
     within = all(r["time_ratio"] <= GOALS["attention_time"] and r["memory_ratio"] <= GOALS["attention_memory"]
                  for r in attention_rows) and end_to_end["time_ratio"] <= GOALS["end_to_end_time"]
@@ -501,6 +576,22 @@ def run_miva(scale: float) -> tuple[dict, bool]:
     within = (miva["ratio"]["1"] <= GOALS["miva_one_adapter"]
               and miva["further_adapter_step"] <= GOALS["miva_each_further_adapter"])
     return {"miva": miva}, within
+
+
+def run_mmiva(scale: float) -> tuple[dict, bool]:
+    """Subject-mask attention (time at N = 4,096; memory also at 16,384, the goal's size), then sampling."""
+    attention_rows = []
+    for variant in ("subject mask", "two subjects"):
+        attention_rows += bench_attention(scale, variant, timed=(4096,), measured=(4096, 16384))
+    print_attention_rows(attention_rows, None, GOALS["mask_attention_memory"])
+    sampling = bench_masked_adapters(max(3, round(8 * scale)))
+    print(f"{sampling['bench']}, {sampling['tokens']} tokens, 2 euler steps, cfg 1: "
+          + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in sampling["median_s"].items()))
+    print(f"  masked / plain: one adapter {sampling['one_ratio']:.3f} (goal <= {GOALS['masked_adapter']}), "
+          f"two adapters {sampling['two_ratio']:.3f}")
+    within = (all(row["memory_ratio"] <= GOALS["mask_attention_memory"] for row in attention_rows
+                  if row["bench"].startswith("attention N=16384")) and sampling["one_ratio"] <= GOALS["masked_adapter"])
+    return {"mask_attention": attention_rows, "masked_adapters": sampling}, within
 
 
 if __name__ == "__main__":
