@@ -15,7 +15,7 @@ export MOTION_DIALS_TINY_MODELS := $(TINY_DIR)
 
 .PHONY: setup test demo serve bench lint clean
 
-setup: $(VENV)/.deps $(VENV)/.host $(TINY_DIR)/.done
+setup: $(VENV)/.deps $(VENV)/.segmentation $(VENV)/.host $(TINY_DIR)/.done
 
 $(VENV)/.torch:
 	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
@@ -41,7 +41,17 @@ $(VENV)/.deps: $(VENV)/.torch pyproject.toml requirements-dev.txt
 	$(PIP) install --quiet -r requirements-dev.txt
 	touch $@
 
-$(TINY_DIR)/.done: tests/tiny_models.py models/miva.py | $(VENV)/.host
+# M-MIVA subject masks: GroundingDINO and SAM 2 from their PyPI source packages, built against the torch above
+# (no build isolation, which would fetch another torch; no CUDA extension: SAM 2 runs without it and
+# groundingdino-py has none), without their own dependency lists: requirements-segmentation.txt has what they use.
+SEGMENTATION_PKGS := sam2==1.1.0 groundingdino-py==0.4.0
+$(VENV)/.segmentation: $(VENV)/.torch requirements-segmentation.txt
+	$(PIP) install --quiet -r requirements-segmentation.txt
+	SAM2_BUILD_CUDA=0 $(PIP) install --quiet --no-deps --no-build-isolation $(SEGMENTATION_PKGS)
+	touch $@
+
+$(TINY_DIR)/.done: tests/tiny_models.py tests/tiny_segmenters.py models/miva.py models/segmentation.py \
+		| $(VENV)/.host $(VENV)/.segmentation
 	$(PY) -m tests.tiny_models --out $(TINY_DIR)
 	touch $@
 

@@ -7,12 +7,14 @@ from .dymos import DyMoSMotionSlider
 from .edg import DareAddDifference, EDGMerge, EDGTimestepSwitch, ModelMergeExtrapolate
 from .image_to_video import NODES as IMAGE_TO_VIDEO_NODES
 from .miva import NODES as MIVA_NODES
+from .subject_mask import NODES as SUBJECT_MASK_NODES
 
 
 class MotionDialsExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [DyMoSMotionSlider, EDGMerge, EDGTimestepSwitch, ModelMergeExtrapolate, DareAddDifference,
-                *MIVA_NODES, *IMAGE_TO_VIDEO_NODES, ReferenceAttentionShare]
+                *MIVA_NODES, *SUBJECT_MASK_NODES, *IMAGE_TO_VIDEO_NODES,
+                ReferenceAttentionShare]
 
 
 async def comfy_entrypoint() -> MotionDialsExtension:

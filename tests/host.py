@@ -55,7 +55,8 @@ def register_tiny_models():
     """Point ComfyUI's model folders at the generated tiny models (in this process)."""
     import folder_paths
 
-    for kind in ("diffusion_models", "vae", "text_encoders", "clip_vision", "miva"):
+    for kind in ("diffusion_models", "vae", "text_encoders", "clip_vision", "miva", "grounding-dino", "sam2",
+                 "bert-base-uncased"):
         folder = TINY_MODELS / kind
         if folder.is_dir():
             folder_paths.add_model_folder_path(kind, str(folder), is_default=True)
@@ -70,6 +71,9 @@ def write_extra_model_paths(directory: Path) -> Path:
         "    diffusion_models: diffusion_models\n"
         "    vae: vae\n"
         "    miva: miva\n"
+        "    grounding-dino: grounding-dino\n"
+        "    sam2: sam2\n"
+        "    bert-base-uncased: bert-base-uncased\n"
         f"    custom_nodes: {FIXTURE_NODES}\n"
     )
     return config

@@ -42,7 +42,8 @@ def test_object_info_lists_the_slider_with_tooltips(server):
 
 
 SHIPPED_ON_TINY_MODELS = ["dymos_wan21_i2v", "dymos_wan22_i2v", "edg_wan21_i2v", "edg_switch_wan22_i2v",
-                          "miva_wan21_one_adapter", "miva_wan21_two_adapters", "miva_dymos_wan21"]
+                          "miva_wan21_one_adapter", "miva_wan21_two_adapters", "miva_dymos_wan21",
+                          "mmiva_wan21_one_subject", "mmiva_wan21_subject_and_background"]
 
 
 @pytest.mark.parametrize("name", SHIPPED_ON_TINY_MODELS)
@@ -78,7 +79,8 @@ def test_unsupported_model_fails_with_a_message_naming_the_supported_families(se
 
 PACK_NODES = ("DyMoSMotionSlider", "EDGMerge", "EDGTimestepSwitch", "MotionDialsModelMergeExtrapolate",
               "MotionDialsDareAddDifference", "MotionDialsReferenceAttentionShare", "MIVALoader", "MIVAStack",
-              "MIVAApply", "MIVAConvert", "MIVAImageToVideoLatent", "MIVANoise", "MIVAAdaIN")
+              "MIVAApply", "MIVAConvert", "MIVAImageToVideoLatent", "MIVANoise", "MIVAAdaIN",
+              "MotionDialsGroundingDINOLoader", "MotionDialsSAM2Loader", "MotionDialsSubjectMask")
 
 
 @pytest.mark.parametrize("node", PACK_NODES)
@@ -89,6 +91,43 @@ def test_every_node_sits_in_the_pack_category_with_a_tooltip_on_every_input(serv
     assert inputs
     for name, spec in inputs.items():
         assert spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
+
+
+def test_subject_mask_loaders_list_the_files_of_folders_added_by_extra_model_paths(server):
+    # write_extra_model_paths adds the tiny grounding-dino, sam2 and bert-base-uncased folders by these keys
+    dino = server.get_json("/object_info/MotionDialsGroundingDINOLoader")["MotionDialsGroundingDINOLoader"]
+    assert dino["input"]["required"]["model_name"][1]["options"] == ["groundingdino_tiny_random.pth"]
+    sam = server.get_json("/object_info/MotionDialsSAM2Loader")["MotionDialsSAM2Loader"]
+    assert sam["input"]["required"]["model_name"][1]["options"] == [
+        "sam2.1_hiera_tiny_random.pt", "sam2_hiera_tiny_random.safetensors"]  # configs (.yaml, .cfg.py) not listed
+    mask = server.get_json("/object_info/MotionDialsSubjectMask")["MotionDialsSubjectMask"]
+    assert mask["category"] == "Motion Dials/M-MIVA" and mask["output"] == ["MASK", "IMAGE"]
+    assert mask["input"]["required"]["box_threshold"][1]["default"] == 0.35
+
+
+def test_subject_mask_runs_through_the_api_and_says_when_nothing_is_found(server, tmp_path):
+    workflow = {
+        "image": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "dino": {"class_type": "MotionDialsGroundingDINOLoader",
+                 "inputs": {"model_name": "groundingdino_tiny_random.pth", "device": "auto", "precision": "fp32"}},
+        "sam": {"class_type": "MotionDialsSAM2Loader",
+                "inputs": {"model_name": "sam2.1_hiera_tiny_random.pt", "device": "auto", "precision": "fp16"}},
+        "mask": {"class_type": "MotionDialsSubjectMask",
+                 "inputs": {"image": ["image", 0], "grounding_dino": ["dino", 0], "sam2": ["sam", 0], "prompt": "horse",
+                            "box_threshold": 0.0, "text_threshold": 0.25, "mode": "union"}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["mask", 1], "filename_prefix": "subject_mask"}},
+        "save_mask": {"class_type": "SaveImage", "inputs": {"images": ["as_image", 0], "filename_prefix": "mask"}},
+        "as_image": {"class_type": "MaskToImage", "inputs": {"mask": ["mask", 0]}},
+    }
+    outputs = run_prompt(server, workflow)
+    assert outputs["mask"]["text"][0].startswith("prompt: horse (union") and " at (" in outputs["mask"]["text"][0]
+    for node in ("save", "save_mask"):
+        (item,) = outputs[node]["images"]
+        assert server.fetch_output(item, tmp_path).stat().st_size > 0
+    workflow["mask"]["inputs"]["box_threshold"] = 1.0
+    outputs = run_prompt(server, workflow)
+    assert "WARNING: no 'horse' found in image 1" in outputs["mask"]["text"][0]
+    assert "no 'horse' found" in server.log()
 
 
 def test_switching_between_incompatible_models_fails_before_sampling_with_the_reason(server):

@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 if __package__:
+    from . import tiny_segmenters
     from .host import import_host
 else:
+    import tiny_segmenters
     from host import import_host
 
 WIDTH = 256  # 2 heads: ComfyUI derives the head count as width // 128 for Wan and HunyuanVideo
@@ -232,17 +234,21 @@ def generate(out: Path) -> dict:
         save_adapter(out / "miva" / adapter.file_name, info, random_adapter_tensors(info, adapter.seed))
         manifest[f"miva/{adapter.file_name}"] = {"family": "wan2.1", "role": f"MIVA adapter: {adapter.motion}",
                                                  "template": "", "dtype": "float16"}
+    manifest.update(tiny_segmenters.generate(out))  # GroundingDINO, its BERT folder and SAM 2, for subject masks
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="gets diffusion_models/, vae/ and manifest.json")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="gets diffusion_models/, vae/, miva/, grounding-dino/, bert-base-uncased/, sam2/ "
+                        "and manifest.json")
     args = parser.parse_args()
     import_host()
     for path, entry in generate(args.out).items():
-        size = (args.out / path).stat().st_size / 2**20
+        target = args.out / path
+        size = (sum(f.stat().st_size for f in target.rglob("*")) if target.is_dir() else target.stat().st_size) / 2**20
         print(f"{path:<68} {size:6.2f} MiB  {entry['family']} {entry['role']}")
 
 
