@@ -16,7 +16,8 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SHIPPED = ["dymos_wan21_i2v", "dymos_wan22_i2v", "dymos_hunyuan15_i2v", "edg_wan21_i2v", "edg_switch_wan22_i2v",
-           "miva_wan21_one_adapter", "miva_wan21_two_adapters", "miva_dymos_wan21"]
+           "miva_wan21_one_adapter", "miva_wan21_two_adapters", "miva_dymos_wan21", "mmiva_wan21_one_subject",
+           "mmiva_wan21_subject_and_background"]
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,8 @@ def screenshot_around(page, node_type: str, file_name: str, scale: float = 1.3, 
 
 
 @pytest.mark.parametrize("name", ["edg_wan21_i2v", "edg_switch_wan22_i2v", "miva_wan21_one_adapter",
-                                  "miva_wan21_two_adapters", "miva_dymos_wan21"])
+                                  "miva_wan21_two_adapters", "miva_dymos_wan21", "mmiva_wan21_one_subject",
+                                  "mmiva_wan21_subject_and_background"])
 def test_shipped_workflow_queued_from_the_web_ui_finishes(page, server, name):
     load_tiny_graph(page, server, name)
     entry = queue_from_the_browser(page, server)

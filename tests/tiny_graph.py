@@ -3,7 +3,9 @@
 The diffusion models and the Wan 2.1 VAE can be tiny (tests/tiny_models.py); real text and vision
 encoders cannot, their widths being fixed by their checkpoints. So `tinyify_api` swaps
 CLIPTextEncode and CLIPVisionEncode for the test-fixture nodes (tests/host_fixture), which give random
-outputs of the real shapes, and drop the encoder loaders left unused. `shrink_api` makes sizes and step
+outputs of the real shapes, and drop the encoder loaders left unused; the GroundingDINO and SAM 2 loaders get the
+tiny segmenters (tests/tiny_segmenters.py, named apart from the published files, whose absence the tests also
+check). `shrink_api` makes sizes and step
 counts small so a run takes seconds on a CPU. Everything else, the Motion Dials nodes included, stays as
 shipped. (A UI-format graph for the tiny models is made from the API one with
 tests/workflow_formats.py, as the browser test does.)
@@ -13,6 +15,11 @@ from __future__ import annotations
 
 import copy
 
+if __package__:
+    from .tiny_segmenters import GROUNDING_DINO_FILE, SAM2_PT_FILE
+else:
+    from tiny_segmenters import GROUNDING_DINO_FILE, SAM2_PT_FILE
+
 TEXT_ENCODE, VISION_ENCODE = "CLIPTextEncode", "CLIPVisionEncode"
 FIXTURE_TEXT_ENCODE, FIXTURE_VISION_ENCODE = "MotionDialsTestConditioning", "MotionDialsTestClipVision"
 FIXTURE_TOKENS = 8
@@ -21,6 +28,7 @@ MODEL_LOADERS = {"UNETLoader", "CheckpointLoaderSimple"}
 LATENT_BUILDERS = {"WanImageToVideo", "HunyuanVideo15ImageToVideo", "Wan22ImageToVideoLatent",
                    "EmptyHunyuanLatentVideo", "EmptyHunyuanVideo15Latent", "MIVAImageToVideoLatent"}
 STEP_SETTERS = {"KSampler", "KSamplerAdvanced", "BasicScheduler"}
+TINY_SEGMENTERS = {"MotionDialsGroundingDINOLoader": GROUNDING_DINO_FILE, "MotionDialsSAM2Loader": SAM2_PT_FILE}
 
 
 def family_from_model_names(names) -> str:
@@ -64,6 +72,8 @@ def tinyify_api(workflow: dict, family: str | None = None) -> dict:
         elif node["class_type"] == VISION_ENCODE:
             node["class_type"] = FIXTURE_VISION_ENCODE
             node["inputs"] = {"image": inputs["image"], "family": family}
+        elif node["class_type"] in TINY_SEGMENTERS:
+            inputs["model_name"] = TINY_SEGMENTERS[node["class_type"]]
     read = {str(value[0]) for node in tiny.values() for value in node["inputs"].values() if _is_api_link(value)}
     return {node_id: node for node_id, node in tiny.items()
             if node["class_type"] not in ENCODER_LOADERS or node_id in read}
