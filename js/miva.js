@@ -24,6 +24,7 @@ const INFO_LINE_HEIGHT = 15;
 const INFO_PADDING = 8;
 const INFO_MAX_WIDTH = 460;
 const INFO_FONT = "12px sans-serif";
+const WARNING_COLOUR = "#fc6";
 
 // ---- hiding widgets -------------------------------------------------------------------------------------
 // ComfyUI frontend 1.2x/1.3x: LGraphNode.isWidgetVisible() honours `widget.hidden` (drawing, hit-testing and
@@ -96,7 +97,8 @@ function showInfo(node) {
         ctx.font = INFO_FONT;
         ctx.textAlign = "left";
         lines.forEach((line, i) => {
-            ctx.fillStyle = line.startsWith("[off]") ? "#777" : i === 0 || lines[i - 1] === "" ? "#cde" : "#9ab";
+            ctx.fillStyle = line.startsWith("WARNING") ? WARNING_COLOUR : line.startsWith("[off]") ? "#777"
+                : i === 0 || lines[i - 1] === "" ? "#cde" : "#9ab";
             ctx.fillText(truncate(ctx, line, this.size[0] - 2 * INFO_PADDING - 8), INFO_PADDING + 4,
                 top + INFO_PADDING - 2 + (i + 0.75) * INFO_LINE_HEIGHT);
         });
@@ -335,10 +337,14 @@ function setUpStack(node) {
     layoutRows(node);
 }
 
+// Nodes whose text after a run (what was loaded, what was found, warnings) is shown on the node itself.
+const INFO_NODES = new Set(["MIVAStack", "MIVALoader", "MotionDialsSubjectMask", "MotionDialsGroundingDINOLoader",
+    "MotionDialsSAM2Loader"]);
+
 app.registerExtension({
     name: "MotionDials.MIVA",
     nodeCreated(node) {
-        if (node.comfyClass !== "MIVAStack" && node.comfyClass !== "MIVALoader") return;
+        if (!INFO_NODES.has(node.comfyClass)) return;
         showInfo(node);
         if (node.comfyClass === "MIVAStack") setUpStack(node);
     },

@@ -8,6 +8,7 @@ import pytest
 from host import REPO, Server
 from playwright.sync_api import sync_playwright
 from tiny_graph import shrink_api, tinyify_api
+from tiny_segmenters import GROUNDING_DINO_FILE, SAM2_PT_FILE
 from workflow_formats import api_to_ui
 
 WORKFLOWS = REPO / "workflows"
@@ -391,3 +392,44 @@ def test_miva_loader_and_stack_show_their_adapters_after_a_run_from_the_web_ui(p
     assert stack["info"].index("motion: horse running") < stack["info"].index("motion: waterfall")
     assert stack["height"] >= stack["needed"] > stack["without"]
     screenshot_around(page, "MIVALoader", "web_ui_miva.png", scale=1.0, at=(300, 200))
+
+
+def subject_mask_graph(box_threshold: float) -> dict:
+    """API graph: the start image, the tiny GroundingDINO and SAM 2, Subject Mask ("horse"), its preview shown."""
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "2": {"class_type": "MotionDialsGroundingDINOLoader",
+              "inputs": {"model_name": GROUNDING_DINO_FILE, "device": "auto", "precision": "fp32"}},
+        "3": {"class_type": "MotionDialsSAM2Loader",
+              "inputs": {"model_name": SAM2_PT_FILE, "device": "auto", "precision": "fp32"}},
+        "4": {"class_type": "MotionDialsSubjectMask", "inputs": {
+            "image": ["1", 0], "grounding_dino": ["2", 0], "sam2": ["3", 0], "prompt": "horse",
+            "box_threshold": box_threshold, "text_threshold": 0.25, "mode": "best box"}},
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 1]}},
+    }
+
+
+def node_info(page, node_type: str) -> str:
+    return page.evaluate("(type) => window.app.graph._nodes.find((n) => n.type === type).mivaInfo ?? ''", node_type)
+
+
+def test_subject_mask_shows_what_it_found_or_a_warning_on_the_node(page, server):
+    object_info = server.get_json("/object_info")
+    load_graph(page, api_to_ui(subject_mask_graph(1.0), object_info))
+    assert unknown_node_types(page) == []
+    entry = queue_from_the_browser(page, server)
+    page.wait_for_timeout(300)
+    warning = node_info(page, "MotionDialsSubjectMask")
+    assert "WARNING: no 'horse' found in image 1" in warning
+    assert entry["outputs"]["4"]["text"][0] == warning
+    assert "fp32" in node_info(page, "MotionDialsSAM2Loader")  # what the loader loaded, on the node
+
+    load_graph(page, api_to_ui(subject_mask_graph(0.0), object_info))  # the tiny model finds a box at threshold 0
+    queue_from_the_browser(page, server)
+    page.wait_for_timeout(500)
+    found = node_info(page, "MotionDialsSubjectMask")
+    assert found.startswith("prompt: horse (best box") and "image 1: " in found and "WARNING" not in found
+    # the picture for the README: the loaders, the node with what it found, and the preview
+    page.evaluate("() => window.app.canvas.deselectAll()")
+    screenshot_around(page, "LoadImage", "subject_mask.png", scale=0.9, at=(110, 190), directory=REPO / "docs",
+                      clip={"x": 90, "y": 140, "width": 1000, "height": 640})
