@@ -27,10 +27,14 @@ BACKGROUND = 0
 
 
 def pair_bias(query_scores: torch.Tensor, key_scores: torch.Tensor) -> torch.Tensor:
-    """The bias of every (query, key) pair, ``[n, L]`` from scores ``[n]`` and ``[L]``: the plain formula."""
-    query_scores, key_scores = query_scores[:, None], key_scores[None, :]
-    agreement = query_scores * key_scores + (1 - query_scores) * (1 - key_scores)
-    return torch.log(agreement + MASK_EPS).clamp(BIAS_FLOOR, BIAS_CEILING)
+    """The bias of every (query, key) pair, ``[n, L]`` from scores ``[n]`` and ``[L]``.
+
+    ``m_p m_q + (1 - m_p)(1 - m_q)`` is written as ``(2 m_p - 1) m_q + (1 - m_p)``, so the whole bias takes one
+    ``[n, L]`` tensor, finished in place.
+    """
+    query_scores = query_scores[:, None]
+    agreement = torch.addcmul(1 - query_scores, 2 * query_scores - 1, key_scores[None, :])
+    return agreement.add_(MASK_EPS).log_().clamp_(BIAS_FLOOR, BIAS_CEILING)
 
 
 def _group(positions: torch.Tensor, length: int, key_bias=None, pair=None) -> QueryGroup:
