@@ -206,6 +206,55 @@ def _select_queries(tensor: torch.Tensor, axis: int, chunk) -> torch.Tensor:
     return tensor.index_select(axis, chunk.to(tensor.device))
 
 
+def attention_probabilities(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    heads: int,
+    groups: Sequence[QueryGroup],
+    queries: tuple[int, int],
+    *,
+    mask: torch.Tensor | None = None,
+    skip_reshape: bool = False,
+    head_indices: Sequence[int] | None = None,
+):
+    """Post-softmax attention of the queries in range ``queries``, a few queries at a time: yields
+    ``(positions [n], probabilities [B, h, n, keys] in float32)``.
+
+    The logits include the groups' biases and the caller's mask exactly as ``grouped_bias_attention`` applies
+    them. ``head_indices`` picks heads (all by default). Each block of probabilities holds at most 1/8 as many
+    elements as q, so no attention matrix is ever held whole.
+    """
+    if not skip_reshape:
+        q = q.view(q.shape[0], q.shape[1], heads, -1).transpose(1, 2)
+        k = k.view(k.shape[0], k.shape[1], heads, -1).transpose(1, 2)
+    base_mask = _as_4d_additive(mask, torch.float32)
+    if head_indices is not None:
+        picked = torch.as_tensor(list(head_indices), device=q.device)
+        q, k = q.index_select(1, picked), k.index_select(1, picked)
+        if base_mask is not None and base_mask.shape[1] != 1:
+            base_mask = base_mask.index_select(1, picked)
+    scale = q.shape[-1] ** -0.5
+    rows = max(1, q.shape[2] * q.shape[-1] // (CALLS_PER_OUTPUT * k.shape[2]))
+    for group in groups:
+        start, stop = max(group.start, queries[0]), min(group.stop, queries[1])
+        if start >= stop:
+            continue
+        inside = group.positions
+        if inside is not None:
+            inside = inside[(inside >= start) & (inside < stop)]
+        for positions in query_chunks(QueryGroup(start, stop, positions=inside), rows):
+            if isinstance(positions, tuple):
+                positions = torch.arange(*positions, device=q.device)
+            logits = (q[:, :, positions] @ k.transpose(-1, -2)).float() * scale
+            if base_mask is not None:
+                logits += base_mask if base_mask.shape[2] == 1 else base_mask[:, :, positions]
+            if group.key_bias is not None:
+                logits += group.key_bias.to(logits).view(1, 1, 1, -1)
+            if group.pair_bias is not None:
+                logits += group.pair_bias(positions).to(logits)[None, None]
+            yield positions, logits.softmax(-1)
+
+
 def attention_mass(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -216,37 +265,10 @@ def attention_mass(
     *,
     mask: torch.Tensor | None = None,
     skip_reshape: bool = False,
-    chunk: int = 1024,
 ) -> torch.Tensor:
-    """Per batch entry: the mean, over ``queries`` (a range) and heads, of the attention mass on ``keys``.
-
-    The logits include the groups' key biases and the caller's mask, exactly as
-    ``grouped_bias_attention`` applies them. Computed in query chunks, so no
-    full attention matrix is ever held.
-    """
-    if not skip_reshape:
-        q = q.view(q.shape[0], q.shape[1], heads, -1).transpose(1, 2)
-        k = k.view(k.shape[0], k.shape[1], heads, -1).transpose(1, 2)
-    base_mask = _as_4d_additive(mask, torch.float32)
-    scale = q.shape[-1] ** -0.5
+    """Per batch entry: the mean, over ``queries`` (a range) and heads, of the attention mass on ``keys``."""
     total = torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
-    for group in groups:
-        start, stop = max(group.start, queries[0]), min(group.stop, queries[1])
-        if start >= stop:
-            continue
-        inside = group.positions
-        if inside is not None:
-            inside = inside[(inside >= start) & (inside < stop)]
-        for positions in query_chunks(QueryGroup(start, stop, positions=inside), chunk):
-            if isinstance(positions, tuple):
-                positions = torch.arange(*positions, device=q.device)
-            logits = (q[:, :, positions].float() @ k.float().transpose(-1, -2)) * scale
-            if base_mask is not None:
-                logits = logits + (base_mask if base_mask.shape[2] == 1 else base_mask[:, :, positions])
-            if group.key_bias is not None:
-                logits = logits + group.key_bias.to(logits).view(1, 1, 1, -1)
-            if group.pair_bias is not None:
-                logits = logits + group.pair_bias(positions).to(logits)[None, None]
-            mass = logits.softmax(-1)[..., keys[0]:keys[1]].sum(-1)
-            total += mass.sum(dim=(1, 2))
-    return total / (max(queries[1] - queries[0], 0) * q.shape[1])
+    for _, probabilities in attention_probabilities(q, k, heads, groups, queries, mask=mask,
+                                                    skip_reshape=skip_reshape):
+        total += probabilities[..., keys[0]:keys[1]].sum(dim=(1, 2, 3))
+    return total / (max(queries[1] - queries[0], 0) * heads)

@@ -3,14 +3,39 @@
 from __future__ import annotations
 
 import comfy.samplers
+import torch
 from comfy_api.latest import io, ui
 
 import nodes as comfy_nodes
 
 from ..models.attention import attention_mass
+from ..models.frame_attention import frame_attention, heatmap, js_divergence, reference_share
 from .patcher_core import AttentionKind, MotionEffect, apply_effect
 
 CATEGORY = "Motion Dials/diagnostics"
+FrameAttentionType = io.Custom("MD_FRAME_ATTENTION")
+
+
+def sampling_inputs() -> list:
+    """The inputs of a KSampler, for diagnostics that run the first steps of a sampling themselves."""
+    return [
+        io.Model.Input("model", tooltip="The video model to measure, patched or not (e.g. after DyMoS)."),
+        io.Conditioning.Input("positive", tooltip="Positive conditioning, as for the sampler."),
+        io.Conditioning.Input("negative", tooltip="Negative conditioning, as for the sampler."),
+        io.Latent.Input("latent_image", tooltip="The starting latent, as for the sampler."),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                     tooltip="Noise seed of the measured steps."),
+        io.Int.Input("steps", default=20, min=1, max=10000,
+                     tooltip="Steps of the sampling being measured; only the measured ones are run."),
+        io.Float.Input("cfg", default=6.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                       tooltip="Classifier-free guidance scale, as for the sampler."),
+        io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
+                       tooltip="Sampler, as for the sampler node."),
+        io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="simple",
+                       tooltip="Scheduler, as for the sampler node."),
+        io.Int.Input("reference_frames", default=1, min=1, max=64,
+                     tooltip="How many leading latent frames are the reference (1 for image-to-video)."),
+    ]
 
 
 class ReferenceShareProbe(MotionEffect):
@@ -46,24 +71,7 @@ class ReferenceAttentionShare(io.ComfyNode):
                 "give to the reference frame (over every video self-attention, head, query and CFG branch). "
                 "DyMoS lowers it as its strength rises; high values mean the video copies the image."
             ),
-            inputs=[
-                io.Model.Input("model", tooltip="The video model to measure, patched or not (e.g. after DyMoS)."),
-                io.Conditioning.Input("positive", tooltip="Positive conditioning, as for the sampler."),
-                io.Conditioning.Input("negative", tooltip="Negative conditioning, as for the sampler."),
-                io.Latent.Input("latent_image", tooltip="The starting latent, as for the sampler."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Noise seed of the measured step."),
-                io.Int.Input("steps", default=20, min=1, max=10000,
-                             tooltip="Steps of the sampling being measured; only the first one is run."),
-                io.Float.Input("cfg", default=6.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale, as for the sampler."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
-                               tooltip="Sampler, as for the sampler node."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="simple",
-                               tooltip="Scheduler, as for the sampler node."),
-                io.Int.Input("reference_frames", default=1, min=1, max=64,
-                             tooltip="How many leading latent frames are the reference (1 for image-to-video)."),
-            ],
+            inputs=sampling_inputs(),
             outputs=[io.Float.Output(display_name="reference_share",
                                      tooltip="Mean attention share on the reference frame, 0 to 1.")],
             is_output_node=True,
@@ -82,3 +90,139 @@ class ReferenceAttentionShare(io.ComfyNode):
                              "generated frame to measure. Use a latent of several frames.")
         share = sum(probe.shares) / len(probe.shares)
         return io.NodeOutput(share, ui=ui.PreviewText(f"reference share {share:.4f}"))
+
+
+def parse_indices(text: str, what: str, count: int | None = None) -> list[int] | None:
+    """``"all"`` (None), or a list like ``"0-3, 7"`` of indices below ``count``."""
+    text = text.strip().lower()
+    if text in ("", "all"):
+        return None
+    picked = set()
+    for part in text.replace(" ", "").split(","):
+        first, _, last = part.partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            raise ValueError(f"{what} must be 'all' or a list like '0-3, 7'; got {text!r}.")
+        picked.update(range(int(first), int(last or first) + 1))
+    if count is not None and max(picked) >= count:
+        raise ValueError(f"{what} {max(picked)} does not exist: the model has {count} (0 to {count - 1}).")
+    return sorted(picked)
+
+
+class FrameAttentionProbe(MotionEffect):
+    """Sums the frame-to-frame attention of the chosen blocks and heads over the calls in the first ``fraction``
+    of denoising."""
+
+    def __init__(self, fraction: float, blocks: list[int] | None, heads: list[int] | None):
+        self.fraction, self.blocks, self.heads = fraction, blocks, heads
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def active_in(self, forward) -> bool:
+        return forward.before_percent(self.fraction)
+
+    def observe_attention(self, ctx, q, k, heads, groups, attention_kwargs):
+        if ctx.kind not in (AttentionKind.VIDEO_SELF, AttentionKind.JOINT) or ctx.layout.frames < 2:
+            return
+        if self.blocks is not None and ctx.block_index not in self.blocks:
+            return
+        if self.heads is not None and max(self.heads) >= heads:
+            raise ValueError(f"heads: head {max(self.heads)} does not exist; this model has {heads} (0 to "
+                             f"{heads - 1}).")
+        layout = ctx.layout
+        matrices = frame_attention(q, k, heads, groups, video_start=layout.video_start, frames=layout.frames,
+                                   tokens_per_frame=layout.tokens_per_frame, mask=attention_kwargs.get("mask"),
+                                   skip_reshape=attention_kwargs.get("skip_reshape", False), head_indices=self.heads)
+        summed = matrices.sum(0).cpu()
+        self.total = summed if self.total is None else self.total + summed
+        self.count += matrices.shape[0]
+
+
+def measured_steps(model, steps: int, scheduler: str, fraction: float) -> int:
+    """How many of the sampling's steps start in the first ``fraction`` of denoising (at least one)."""
+    model_sampling = model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps)
+    threshold = float(model_sampling.percent_to_sigma(fraction))
+    return max(1, int((sigmas[:-1] > threshold * (1.0 + 1e-5) + 1e-7).sum()))
+
+
+class AttentionInspector(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MotionDialsAttentionInspector",
+            display_name="Attention Inspector",
+            category=CATEGORY,
+            description="Runs the first part of a sampling and records the frame-to-frame attention matrix of the "
+            "DyMoS paper (appendix B): for query frame a, the mean over its tokens of the attention mass on the "
+            "tokens of frame b, averaged over the chosen blocks, heads, CFG branches and steps. Computed a few "
+            "queries at a time: no token-level attention is kept. Wire it like a KSampler.",
+            inputs=[
+                *sampling_inputs(),
+                io.Float.Input("fraction", default=0.1, min=0.0, max=1.0, step=0.01,
+                               tooltip="The first part of denoising to average over (by sigma), as the paper's "
+                               "first 10 %; at least the first step is measured."),
+                io.String.Input("blocks", default="all",
+                                tooltip="Transformer blocks to average over: 'all' or a list like '0-9, 20'."),
+                io.String.Input("heads", default="all",
+                                tooltip="Attention heads to average over: 'all' or a list like '0-3'."),
+            ],
+            outputs=[
+                FrameAttentionType.Output(display_name="frame_attention",
+                                          tooltip="The [frames x frames] matrix, for Attention Distance."),
+                io.Image.Output(display_name="heatmap",
+                                tooltip="The matrix as a picture: rows are query frames, columns key frames, "
+                                "yellow the largest share."),
+                io.Float.Output(display_name="reference_share",
+                                tooltip="Mean share of attention the generated frames give to the reference."),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
+                reference_frames, fraction, blocks, heads) -> io.NodeOutput:
+        diffusion_model = model.get_model_object("diffusion_model")
+        block_count = sum(len(getattr(diffusion_model, name, ())) for name in ("blocks", "double_blocks",
+                                                                              "single_blocks"))
+        probe = FrameAttentionProbe(fraction, parse_indices(blocks, "blocks", block_count),
+                                    parse_indices(heads, "heads"))
+        comfy_nodes.common_ksampler(
+            apply_effect(model, probe), seed, steps, cfg, sampler_name, scheduler, positive, negative,
+            latent_image, start_step=0, last_step=measured_steps(model, steps, scheduler, fraction),
+        )
+        if probe.total is None:
+            raise ValueError("No video self-attention of the chosen blocks ran: the latent needs several frames "
+                             "and the blocks must exist in the model.")
+        matrix = probe.total / probe.count
+        shares = reference_share(matrix, reference_frames)[reference_frames:]
+        mean_share = float(shares.mean()) if shares.numel() else 0.0
+        text = (f"{matrix.shape[0]} latent frames, {probe.count} attention maps averaged\n"
+                f"reference share per generated frame: {', '.join(f'{v:.3f}' for v in shares.tolist())}\n"
+                f"mean reference share {mean_share:.4f}")
+        return io.NodeOutput(matrix, heatmap(matrix), mean_share, ui=ui.PreviewText(text))
+
+
+class AttentionDistance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MotionDialsAttentionDistance",
+            display_name="Attention Distance",
+            category=CATEGORY,
+            description="The DyMoS paper's T2V-I2V attention distance: the Jensen-Shannon divergence (base 2: 0 for "
+            "equal rows, 1 at most) between the rows of two frame-to-frame attention matrices, averaged over the "
+            "generated (non-reference) query frames. Smaller: the two models route attention alike.",
+            inputs=[
+                FrameAttentionType.Input("first", tooltip="From an Attention Inspector (e.g. the T2V model)."),
+                FrameAttentionType.Input("second", tooltip="From another Attention Inspector (e.g. the I2V model)."),
+                io.Int.Input("reference_frames", default=1, min=0, max=64,
+                             tooltip="Leading query frames left out of the average (the reference)."),
+            ],
+            outputs=[io.Float.Output(display_name="distance", tooltip="The mean Jensen-Shannon divergence.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, first, second, reference_frames) -> io.NodeOutput:
+        distance = float(js_divergence(first, second, reference_frames))
+        return io.NodeOutput(distance, ui=ui.PreviewText(f"Jensen-Shannon divergence {distance:.4f}"))

@@ -136,6 +136,14 @@ def attention_case(tokens: int, variant: str, backend: str):
     attention = attention_function(backend)
     if variant == "unpatched":
         return lambda: attention(q, k, v, heads=HEADS, transformer_options={})
+    if variant == "inspector":
+        # Attention Inspector's work on the call's q and k (every head, no bias); it runs before the call itself,
+        # whose own peak is the unpatched one, so the inspected call peaks at the larger of the two.
+        from motion_dials.models.attention import QueryGroup
+        from motion_dials.models.frame_attention import frame_attention
+
+        return lambda: frame_attention(q, k, HEADS, [QueryGroup(0, tokens)], video_start=0, frames=frames,
+                                       tokens_per_frame=height * width)
 
     class ActiveSampling:  # every step is inside tau: the call under test is always biased
         @staticmethod
