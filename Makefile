@@ -37,7 +37,7 @@ $(VENV)/.host: $(VENV)/.torch $(COMFYUI_PATH)/main.py
 	ln -sfn "$(CURDIR)" "$(COMFYUI_PATH)/custom_nodes/motion-dials"
 	touch $@
 
-$(VENV)/.deps: $(VENV)/.torch pyproject.toml requirements-dev.txt
+$(VENV)/.deps: $(VENV)/.torch pyproject.toml requirements.txt requirements-dev.txt
 	$(PIP) install --quiet -r requirements-dev.txt
 	touch $@
 

@@ -2,11 +2,12 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from .diagnostics import ReferenceAttentionShare
+from .diagnostics import AttentionDistance, AttentionInspector, ReferenceAttentionShare
 from .dymos import DyMoSMotionSlider
 from .edg import DareAddDifference, EDGMerge, EDGTimestepSwitch, ModelMergeExtrapolate
 from .image_to_video import NODES as IMAGE_TO_VIDEO_NODES
 from .miva import NODES as MIVA_NODES
+from .motion_score import MotionScore
 from .subject_mask import NODES as SUBJECT_MASK_NODES
 
 
@@ -14,7 +15,7 @@ class MotionDialsExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [DyMoSMotionSlider, EDGMerge, EDGTimestepSwitch, ModelMergeExtrapolate, DareAddDifference,
                 *MIVA_NODES, *SUBJECT_MASK_NODES, *IMAGE_TO_VIDEO_NODES,
-                ReferenceAttentionShare]
+                ReferenceAttentionShare, AttentionInspector, AttentionDistance, MotionScore]
 
 
 async def comfy_entrypoint() -> MotionDialsExtension:

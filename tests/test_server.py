@@ -80,7 +80,8 @@ def test_unsupported_model_fails_with_a_message_naming_the_supported_families(se
 PACK_NODES = ("DyMoSMotionSlider", "EDGMerge", "EDGTimestepSwitch", "MotionDialsModelMergeExtrapolate",
               "MotionDialsDareAddDifference", "MotionDialsReferenceAttentionShare", "MIVALoader", "MIVAStack",
               "MIVAApply", "MIVAConvert", "MIVAImageToVideoLatent", "MIVANoise", "MIVAAdaIN",
-              "MotionDialsGroundingDINOLoader", "MotionDialsSAM2Loader", "MotionDialsSubjectMask")
+              "MotionDialsGroundingDINOLoader", "MotionDialsSAM2Loader", "MotionDialsSubjectMask",
+              "MotionDialsMotionScore", "MotionDialsAttentionInspector", "MotionDialsAttentionDistance")
 
 
 @pytest.mark.parametrize("node", PACK_NODES)
