@@ -2,10 +2,11 @@
 
 Starts the real ComfyUI server and posts the shipped workflows (made runnable on the tiny models): DyMoS for
 strength in {-1, 0, 1, 2}, the EDG switch and merge, MIVA with one and two adapters, M-MIVA with a masked subject.
-To each graph it adds a Motion Score node on the decoded frames and, where the graph has a KSampler, a Reference
-Attention Share node fed like it. It prints the numbers, writes the page `output/motion_dials_demo.png` (for each
-run: the first and last frame, the flow of the last frame pair, the numbers) and checks that DyMoS's reference
-share falls as the strength rises. The tiny models have random weights: the frames are noise, the numbers move.
+To each graph it adds a Motion Score node on the decoded frames and, where the graph has a KSampler, Reference
+Attention Share and Attention Inspector nodes fed like it. It prints the numbers, writes the page
+`output/motion_dials_demo.png` (for each run: the first and last frame, the flow of the last frame pair, the
+attention heatmap, the numbers) and checks that DyMoS's reference share falls as the strength rises. The tiny
+models have random weights: the frames are noise, the attention numbers move.
 """
 
 from __future__ import annotations
@@ -54,11 +55,13 @@ def with_diagnostics(workflow: dict) -> dict:
     samplers = nodes_of_type(workflow, "KSampler")
     if samplers:
         sampler = workflow[samplers[0]]["inputs"]
-        workflow["share"] = {
-            "class_type": "MotionDialsReferenceAttentionShare",
-            "inputs": {key: sampler[key] for key in ("model", "positive", "negative", "latent_image", "seed", "steps",
-                                                     "cfg", "sampler_name", "scheduler")} | {"reference_frames": 1},
-        }
+        fed_like_the_sampler = {key: sampler[key] for key in ("model", "positive", "negative", "latent_image", "seed",
+                                                              "steps", "cfg", "sampler_name", "scheduler")}
+        workflow["share"] = {"class_type": "MotionDialsReferenceAttentionShare",
+                             "inputs": fed_like_the_sampler | {"reference_frames": 1}}
+        workflow["inspector"] = {"class_type": "MotionDialsAttentionInspector", "inputs": fed_like_the_sampler | {
+            "reference_frames": 1, "fraction": 0.1, "blocks": "all", "heads": "all"}}
+        workflow["heatmap"] = {"class_type": "PreviewImage", "inputs": {"images": ["inspector", 1]}}
     return workflow
 
 
@@ -83,14 +86,16 @@ def run(server, index: int, feature: str, label: str, name: str, changes: dict) 
     frames = [server.fetch_output(item, DEMO_OUTPUT / "frames" / f"{index:02d}")
               for item in outputs["frames"]["images"]]
     flows = [server.fetch_output(item, DEMO_OUTPUT / "flow" / f"{index:02d}") for item in outputs["flow"]["images"]]
+    heatmaps = [server.fetch_output(item, DEMO_OUTPUT / "attention" / f"{index:02d}")
+                for item in outputs.get("heatmap", {}).get("images", [])]
     for node_id, node_out in outputs.items():  # the videos themselves, and any other picture the graph shows
-        if node_id not in ("frames", "flow"):
+        if node_id not in ("frames", "flow", "heatmap"):
             for item in node_out.get("images", []):
                 server.fetch_output(item, OUTPUT)
     return {"feature": feature, "label": label, "workflow": name,
             "share": first_number(outputs["share"]["text"][0], "reference share") if "share" in outputs else None,
             "mean_flow": first_number(motion_text, "mean flow"), "top_flow": first_number(motion_text, "top 5% flow"),
-            "frames": frames, "flows": flows}
+            "frames": frames, "flows": flows, "heatmaps": heatmaps}
 
 
 def thumbnail(path: Path) -> Image.Image:
@@ -102,11 +107,12 @@ def thumbnail(path: Path) -> Image.Image:
 
 
 def page(rows: list[dict]) -> Image.Image:
-    """One row per run: the numbers, the first and last frame, the flow of the last frame pair."""
-    sheet = Image.new("RGB", (TEXT_WIDTH + 3 * (THUMB + 8) + 8, 40 + ROW_HEIGHT * len(rows)), "white")
+    """One row per run: the numbers, the first and last frame, the flow of the last frame pair, and the
+    frame-to-frame attention of the first 10 % of denoising where the graph has a KSampler."""
+    sheet = Image.new("RGB", (TEXT_WIDTH + 4 * (THUMB + 8) + 8, 40 + ROW_HEIGHT * len(rows)), "white")
     draw = ImageDraw.Draw(sheet)
     draw.text((8, 8), "Motion Dials through the HTTP API on tiny random-weight models: first frame, last frame, "
-              "flow of the last frame pair.", fill="black")
+              "flow of the last frame pair, frame-to-frame attention (rows: query frames).", fill="black")
     draw.text((8, 22), "Random weights barely move the frames; the attention numbers show the dials acting.",
               fill=(110, 110, 110))
     for i, row in enumerate(rows):
@@ -117,7 +123,7 @@ def page(rows: list[dict]) -> Image.Image:
                  share + f"motion: mean {row['mean_flow']:.4f} px, top 5% {row['top_flow']:.4f} px"]
         for j, line in enumerate(lines):
             draw.text((8, top + 8 + 18 * j), line, fill="black" if j != 1 else (110, 110, 110))
-        for j, path in enumerate((row["frames"][0], row["frames"][-1], row["flows"][-1])):
+        for j, path in enumerate((row["frames"][0], row["frames"][-1], row["flows"][-1], *row["heatmaps"][:1])):
             sheet.paste(thumbnail(path), (TEXT_WIDTH + 8 + j * (THUMB + 8), top))
     return sheet
 
