@@ -1,0 +1,36 @@
+"""manifest.json: one entry per job (parameters, saved files, server, status), rewritten after every job."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+PENDING, DONE, FAILED = "pending", "done", "failed"
+
+
+class Manifest:
+    """The jobs of an output folder by id; entries of earlier runs with other sweeps are kept."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries: dict[str, dict] = {}
+        if path.exists():
+            self.entries = {entry["id"]: entry for entry in json.loads(path.read_text())["jobs"]}
+
+    def is_done(self, job_id: str) -> bool:
+        return self.entries.get(job_id, {}).get("status") == DONE
+
+    def add(self, job) -> dict:
+        """The entry of ``job``, made pending unless an earlier run finished it."""
+        entry = self.entries.setdefault(job.id, {"id": job.id})
+        entry["parameters"] = job.parameters
+        if entry.get("status") != DONE:
+            entry.update(status=PENDING, server=None, files=[], error=None)
+        return entry
+
+    def save(self):
+        # Write then rename, so Ctrl-C or a crash mid-write never leaves a truncated manifest behind.
+        temporary = self.path.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps({"jobs": list(self.entries.values())}, indent=1) + "\n")
+        os.replace(temporary, self.path)
