@@ -174,6 +174,8 @@ class AttentionInspector(io.ComfyNode):
                                 "yellow the largest share."),
                 io.Float.Output(display_name="reference_share",
                                 tooltip="Mean share of attention the generated frames give to the reference."),
+                io.String.Output(display_name="reference_share_per_frame",
+                                 tooltip="The share of each generated latent frame, comma-separated, first to last."),
             ],
             is_output_node=True,
         )
@@ -196,10 +198,10 @@ class AttentionInspector(io.ComfyNode):
         matrix = probe.total / probe.count
         shares = reference_share(matrix, reference_frames)[reference_frames:]
         mean_share = float(shares.mean()) if shares.numel() else 0.0
+        per_frame = ", ".join(f"{v:.4f}" for v in shares.tolist())
         text = (f"{matrix.shape[0]} latent frames, {probe.count} attention maps averaged\n"
-                f"reference share per generated frame: {', '.join(f'{v:.3f}' for v in shares.tolist())}\n"
-                f"mean reference share {mean_share:.4f}")
-        return io.NodeOutput(matrix, heatmap(matrix), mean_share, ui=ui.PreviewText(text))
+                f"reference share per generated frame: {per_frame}\nmean reference share {mean_share:.4f}")
+        return io.NodeOutput(matrix, heatmap(matrix), mean_share, per_frame, ui=ui.PreviewText(text))
 
 
 class AttentionDistance(io.ComfyNode):

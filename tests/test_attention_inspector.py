@@ -102,7 +102,10 @@ def test_inspector_on_tiny_wan_agrees_with_the_reference_share_and_sees_dymos(ti
     model = load_tiny("wan2.1_i2v")
     inputs = sampling_inputs("wan2.1_i2v", model)
     inspected = AttentionInspector.execute(**inputs, reference_frames=1, fraction=0.01, blocks="all", heads="all")
-    matrix, picture, share = inspected.result
+    matrix, picture, share, per_frame = inspected.result
+    shares = [float(v) for v in per_frame.split(", ")]
+    assert len(shares) == 2 and sum(shares) / 2 == pytest.approx(share, abs=1e-4)
+    torch.testing.assert_close(torch.tensor(shares), matrix[1:, 0], atol=1e-4, rtol=0)
     frames = matrix.shape[0]
     assert matrix.shape == (frames, frames) and frames == 3
     torch.testing.assert_close(matrix.sum(-1), torch.ones(frames), atol=1e-5, rtol=0)
@@ -112,7 +115,7 @@ def test_inspector_on_tiny_wan_agrees_with_the_reference_share_and_sees_dymos(ti
     assert "reference share per generated frame" in inspected.ui.as_dict()["text"][0]
 
     slid = DyMoSMotionSlider.execute(model, 2.0, 0.5, "uniform", 1).result[0]
-    slid_matrix, _, slid_share = AttentionInspector.execute(**{**inputs, "model": slid}, reference_frames=1,
+    slid_matrix, _, slid_share, _ = AttentionInspector.execute(**{**inputs, "model": slid}, reference_frames=1,
                                                             fraction=0.01, blocks="all", heads="all").result
     assert slid_share < share - 0.05
     distance = AttentionDistance.execute(matrix, slid_matrix, 1).result[0]
