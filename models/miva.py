@@ -40,7 +40,6 @@ normalised query, the frozen first projection every adapter of a stack shares.
 from __future__ import annotations
 
 import argparse
-import pickle
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -49,9 +48,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .attention import QueryGroup, grouped_bias_attention, sdpa
+from .checkpoint import read_tensors
 
 FORMAT = "motion-dials/miva"
 FORMAT_VERSION = 1
@@ -277,26 +277,7 @@ AUTHORS_PREFIXES = ("module.", "model.", "diffusion_model.")
 
 def read_training_output(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from the authors' code: `.safetensors`, or `.pt` / `.pth` read without running any code."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as error:
-            raise AdapterFormatError(f"{path.name} cannot be read as safetensors ({error}).") from None
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise AdapterFormatError(
-            f"{path.name} was refused: it is a pickle that holds more than tensors ({str(error).splitlines()[0]}). "
-            "Motion Dials never runs code from a model file; ask for the adapter as safetensors."
-        ) from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise AdapterFormatError(f"{path.name} cannot be read as a torch file ({error}).") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise AdapterFormatError(f"{path.name} does not hold a dict of tensors.")
-    return state
+    return read_tensors(path, AdapterFormatError, "ask for the adapter as safetensors.", wrappers=("state_dict",))
 
 
 def convert_authors_layout(state: dict[str, torch.Tensor], *, base: str, motion: str, subject: str,

@@ -24,7 +24,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import math
-import pickle
 import threading
 import warnings
 from collections.abc import Iterator
@@ -34,8 +33,8 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+
+from .checkpoint import read_tensors
 
 GROUNDING_DINO_PUBLISHED = "https://huggingface.co/ShilongLiu/GroundingDINO"
 SAM2_PUBLISHED = "https://github.com/facebookresearch/sam2 (releases; also https://huggingface.co/facebook)"
@@ -86,27 +85,8 @@ def require_packages() -> None:
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint: safetensors, or a torch file read as tensors only (``{"model": ...}`` unwrapped,
     a ``module.`` prefix dropped)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        try:
-            state = load_file(str(path))
-        except (SafetensorError, OSError) as error:
-            raise ModelFileError(f"{path.name} cannot be read as safetensors ({error}).") from None
-    else:
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise ModelFileError(
-                f"{path.name} was refused: it is a pickle that holds more than tensors "
-                f"({str(error).splitlines()[0]}). Motion Dials never runs code from a model file; use the "
-                "published file, or a .safetensors copy of it."
-            ) from None
-        except (RuntimeError, EOFError, OSError) as error:
-            raise ModelFileError(f"{path.name} cannot be read as a torch file ({error}).") from None
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            state = state["model"]
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelFileError(f"{path.name} does not hold a state dict of tensors.")
+    state = read_tensors(path, ModelFileError, "use the published file, or a .safetensors copy of it.",
+                         wrappers=("model",))
     return {key.removeprefix("module."): value for key, value in state.items()}
 
 
