@@ -10,9 +10,8 @@ the self-attention input and the base query projection are computed once for eve
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass, field
-from pathlib import Path, PurePath
+from pathlib import Path
 
 import comfy.utils
 import folder_paths
@@ -33,6 +32,7 @@ from ..models.miva import (
     read_training_output,
     save_adapter,
 )
+from .model_files import file_stamp, is_plain_name, register_model_folder, searched_folders
 from .patcher_core import (
     WAN,
     AttentionContext,
@@ -57,14 +57,7 @@ WEIGHT_TOOLTIP = ("How strongly this adapter acts, from -2 to 2; 0 turns it off.
 MivaStackType = io.Custom("MIVA_STACK")
 
 
-def register_folder() -> None:
-    """``models/miva`` in ComfyUI's folder registry (after any extra_model_paths.yaml entries)."""
-    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
-    paths, _ = folder_paths.folder_names_and_paths[FOLDER]
-    folder_paths.folder_names_and_paths[FOLDER] = (paths, set(TRAINING_OUTPUT_SUFFIXES))
-
-
-register_folder()
+register_model_folder(FOLDER, TRAINING_OUTPUT_SUFFIXES)
 
 
 def adapter_files() -> list[str]:
@@ -73,30 +66,26 @@ def adapter_files() -> list[str]:
 
 def resolve_model_file(name: str) -> str:
     """The path of a file of ``models/miva`` by its listed name; a clear error for anything else."""
-    parts = PurePath(name.replace("\\", "/")).parts
-    if not name or os.path.isabs(name) or ".." in parts:
+    if not is_plain_name(name):
         raise ValueError(
             f"MIVA file name {name!r} is not a plain name inside models/{FOLDER}/; pick one from the list."
         )
     path = folder_paths.get_full_path(FOLDER, name)
     if path is None:
-        places = ", ".join(folder_paths.get_folder_paths(FOLDER))
         raise FileNotFoundError(
-            f"MIVA adapter {name!r} was not found in {places}. Put the file there (or add a 'miva' entry to "
-            "extra_model_paths.yaml) and refresh the page."
+            f"MIVA adapter {name!r} was not found in {searched_folders(FOLDER)}. Put the file there (or add a 'miva' "
+            "entry to extra_model_paths.yaml) and refresh the page."
         )
     return path
 
 
 @functools.lru_cache(maxsize=16)
-def _load_cached(path: str, modified_ns: int, size: int, name: str) -> Adapter:
-    return load_adapter(path, name)
+def _load_cached(stamp: tuple, name: str) -> Adapter:
+    return load_adapter(stamp[0], name)
 
 
 def load_named_adapter(name: str) -> Adapter:
-    path = resolve_model_file(name)
-    stat = os.stat(path)
-    return _load_cached(path, stat.st_mtime_ns, stat.st_size, name)
+    return _load_cached(file_stamp(resolve_model_file(name)), name)
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import Path
 
 import comfy.model_management
 import comfy.model_patcher
@@ -27,6 +26,7 @@ from comfy_api.latest import io, ui
 
 from ..models import segmentation
 from .miva import MivaStackType
+from .model_files import file_stamp, is_plain_name, register_model_folder, searched_folders
 
 CATEGORY = "Motion Dials/M-MIVA"
 DINO_FOLDER = "grounding-dino"
@@ -42,37 +42,24 @@ Sam2Type = io.Custom("MD_SAM2")
 log = logging.getLogger("motion_dials.subject_mask")
 
 
-def register_folders() -> None:
-    """``models/grounding-dino``, ``models/sam2`` and ``models/bert-base-uncased`` in ComfyUI's folder registry (after
-    any extra_model_paths.yaml entries); weights are listed by their suffixes, added to any another pack registered."""
-    for name, suffixes in ((DINO_FOLDER, segmentation.WEIGHT_SUFFIXES), (SAM2_FOLDER, segmentation.WEIGHT_SUFFIXES),
-                           (BERT_FOLDER, ())):
-        folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name))
-        paths, known = folder_paths.folder_names_and_paths[name]
-        folder_paths.folder_names_and_paths[name] = (paths, set(known) | set(suffixes))
-
-
-register_folders()
+register_model_folder(DINO_FOLDER, segmentation.WEIGHT_SUFFIXES)
+register_model_folder(SAM2_FOLDER, segmentation.WEIGHT_SUFFIXES)
+register_model_folder(BERT_FOLDER, ())
 
 
 def weight_files(folder: str) -> list[str]:
     return [name for name in folder_paths.get_filename_list(folder) if name.endswith(segmentation.WEIGHT_SUFFIXES)]
 
 
-def _folders(folder: str) -> str:
-    return ", ".join(folder_paths.get_folder_paths(folder)) or "(none registered)"
-
-
 def resolve_weights(folder: str, name: str, what: str, expected: tuple[str, ...], published: str) -> Path:
     """The path of a listed weights file; a clear error naming the file, the folders searched and where the files
     are published otherwise."""
-    parts = PurePath(name.replace("\\", "/")).parts
-    if name and not os.path.isabs(name) and ".." not in parts:
+    if is_plain_name(name):
         path = folder_paths.get_full_path(folder, name)
         if path is not None:
             return Path(path)
     raise FileNotFoundError(
-        f"{what} weights {name!r} were not found. Searched: {_folders(folder)}. Expected a file such as "
+        f"{what} weights {name!r} were not found. Searched: {searched_folders(folder)}. Expected a file such as "
         f"{', '.join(expected)} in one of those folders (or a '{folder}' entry in extra_model_paths.yaml); they are "
         f"published at {published}. Nothing is downloaded: put the file there and refresh the page."
     )
@@ -140,13 +127,6 @@ def _wrap(model: torch.nn.Module, name: str, device: str, precision: str, descri
     return LoadedModel(model, patcher, name, f"{description}\ndevice {load.type}, {used}{note}")
 
 
-def _stamp(path: Path | None) -> tuple:
-    if path is None or not path.exists():
-        return (None, 0, 0)
-    stat = path.stat()
-    return (str(path), stat.st_mtime_ns, stat.st_size)
-
-
 @functools.lru_cache(maxsize=2)
 def _load_dino(weights: tuple, config: tuple, bert: str, bert_stamp: tuple, name: str, device: str,
                precision: str) -> LoadedModel:
@@ -168,15 +148,15 @@ def load_grounding_dino(name: str, device: str = "auto", precision: str = "fp32"
     bert = find_bert_folder()
     segmentation.require_packages()
     config = segmentation.grounding_dino_config_path(weights)
-    bert_stamp = tuple(_stamp(bert / file) for file in (*segmentation.BERT_REQUIRED, *segmentation.BERT_WEIGHTS))
-    return _load_dino(_stamp(weights), _stamp(config), str(bert), bert_stamp, name, device, precision)
+    bert_stamp = tuple(file_stamp(bert / file) for file in (*segmentation.BERT_REQUIRED, *segmentation.BERT_WEIGHTS))
+    return _load_dino(file_stamp(weights), file_stamp(config), str(bert), bert_stamp, name, device, precision)
 
 
 def load_sam2(name: str, device: str = "auto", precision: str = "fp32") -> LoadedModel:
     weights = resolve_weights(SAM2_FOLDER, name, "SAM 2", segmentation.SAM2_WEIGHTS, segmentation.SAM2_PUBLISHED)
     segmentation.require_packages()
     config = segmentation.sam2_config_path(weights)
-    return _load_sam2(_stamp(weights), _stamp(config), name, device, precision)
+    return _load_sam2(file_stamp(weights), file_stamp(config), name, device, precision)
 
 
 def _loader_inputs(folder: str, what: str, examples: str) -> list:
