@@ -10,7 +10,7 @@ import nodes as comfy_nodes
 
 from ..models.attention import attention_mass
 from ..models.frame_attention import frame_attention, heatmap, js_divergence, reference_share
-from .patcher_core import AttentionKind, MotionEffect, apply_effect
+from .patcher_core import AttentionKind, MotionEffect, apply_effect, detect_family, sigma_before
 
 CATEGORY = "Motion Dials/diagnostics"
 FrameAttentionType = io.Custom("MD_FRAME_ATTENTION")
@@ -81,10 +81,8 @@ class ReferenceAttentionShare(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                 reference_frames) -> io.NodeOutput:
         probe = ReferenceShareProbe(reference_frames)
-        comfy_nodes.common_ksampler(
-            apply_effect(model, probe), seed, steps, cfg, sampler_name, scheduler, positive, negative,
-            latent_image, start_step=0, last_step=1,
-        )
+        sample_with_probe(probe, 1, model, positive, negative, latent_image, seed, steps, cfg, sampler_name,
+                          scheduler)
         if not probe.shares:
             raise ValueError("No video self-attention ran: the latent has a single frame, so there is no "
                              "generated frame to measure. Use a latent of several frames.")
@@ -132,7 +130,7 @@ class FrameAttentionProbe(MotionEffect):
         matrices = frame_attention(q, k, heads, groups, video_start=layout.video_start, frames=layout.frames,
                                    tokens_per_frame=layout.tokens_per_frame, mask=attention_kwargs.get("mask"),
                                    skip_reshape=attention_kwargs.get("skip_reshape", False), head_indices=self.heads)
-        summed = matrices.sum(0).cpu()
+        summed = matrices.sum(0)  # kept on the device: no wait for the GPU in the middle of sampling
         self.total = summed if self.total is None else self.total + summed
         self.count += matrices.shape[0]
 
@@ -142,7 +140,14 @@ def measured_steps(model, steps: int, scheduler: str, fraction: float) -> int:
     model_sampling = model.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps)
     threshold = float(model_sampling.percent_to_sigma(fraction))
-    return max(1, int((sigmas[:-1] > threshold * (1.0 + 1e-5) + 1e-7).sum()))
+    return max(1, int(sigma_before(sigmas[:-1], threshold).sum()))
+
+
+def sample_with_probe(probe: MotionEffect, last_step: int, model, positive, negative, latent_image, seed, steps,
+                      cfg, sampler_name, scheduler) -> None:
+    """The first ``last_step`` steps of the sampling a KSampler with these inputs would run, ``probe`` watching."""
+    comfy_nodes.common_ksampler(apply_effect(model, probe), seed, steps, cfg, sampler_name, scheduler, positive,
+                                negative, latent_image, start_step=0, last_step=last_step)
 
 
 class AttentionInspector(io.ComfyNode):
@@ -184,18 +189,16 @@ class AttentionInspector(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                 reference_frames, fraction, blocks, heads) -> io.NodeOutput:
         diffusion_model = model.get_model_object("diffusion_model")
-        block_count = sum(len(getattr(diffusion_model, name, ())) for name in ("blocks", "double_blocks",
-                                                                              "single_blocks"))
+        # Block indices count within each of the family's block lists (as the core numbers them).
+        block_count = max(len(getattr(diffusion_model, attribute)) for attribute, _ in detect_family(model).block_lists)
         probe = FrameAttentionProbe(fraction, parse_indices(blocks, "blocks", block_count),
                                     parse_indices(heads, "heads"))
-        comfy_nodes.common_ksampler(
-            apply_effect(model, probe), seed, steps, cfg, sampler_name, scheduler, positive, negative,
-            latent_image, start_step=0, last_step=measured_steps(model, steps, scheduler, fraction),
-        )
+        sample_with_probe(probe, measured_steps(model, steps, scheduler, fraction), model, positive, negative,
+                          latent_image, seed, steps, cfg, sampler_name, scheduler)
         if probe.total is None:
             raise ValueError("No video self-attention of the chosen blocks ran: the latent needs several frames "
                              "and the blocks must exist in the model.")
-        matrix = probe.total / probe.count
+        matrix = (probe.total / probe.count).cpu()
         shares = reference_share(matrix, reference_frames)[reference_frames:]
         mean_share = float(shares.mean()) if shares.numel() else 0.0
         per_frame = ", ".join(f"{v:.4f}" for v in shares.tolist())

@@ -183,6 +183,12 @@ class SelfAttentionTensors:
     layout: TokenLayout | None = None
 
 
+def sigma_before(sigma, threshold: float):
+    """Whether ``sigma`` (a number or a tensor of them) comes before ``threshold`` in denoising. A relative
+    tolerance: the step that lands on the threshold belongs to the later part."""
+    return sigma > threshold * (1.0 + 1e-5) + 1e-7
+
+
 @dataclass
 class ForwardState:
     """Per model call: what the attention calls cannot see for themselves."""
@@ -221,8 +227,7 @@ class ForwardState:
         threshold = self._percent_sigmas.get(percent)
         if threshold is None:
             threshold = self._percent_sigmas[percent] = float(self.model_sampling.percent_to_sigma(percent))
-        # A relative tolerance: the step that lands on the threshold belongs to the later part.
-        return self.sigma > threshold * (1.0 + 1e-5) + 1e-7
+        return sigma_before(self.sigma, threshold)
 
     def token_grid(self) -> tuple[int, int, int]:
         pt, ph, pw = self.patch_size
