@@ -78,7 +78,3 @@ def region_groups(query_labels: torch.Tensor, key_labels: torch.Tensor) -> list[
         groups.append(_group(positions, query_labels.numel(), row))
     return groups
 
-
-def reference_keys(frame_scores: torch.Tensor) -> torch.Tensor:
-    """The key scores of a cross-frame attention, [frame 0 ; previous frame], when every frame has one mask."""
-    return torch.cat([frame_scores, frame_scores])

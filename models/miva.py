@@ -52,6 +52,7 @@ from safetensors.torch import save_file
 
 from .attention import QueryGroup, grouped_bias_attention, sdpa
 from .checkpoint import read_tensors
+from .mask_attention import score_groups
 
 FORMAT = "motion-dials/miva"
 FORMAT_VERSION = 1
@@ -338,47 +339,83 @@ def frame_weights(weights: CrossFrameWeights, time_embedding: torch.Tensor) -> t
     return torch.softmax(logits / WEIGHTING_TEMPERATURE, dim=-1)
 
 
+LEAD_FRAMES = 2  # frames 0 and 1: both look back at frame 0 only
+
+
+@dataclass(frozen=True)
+class CrossFrameBias:
+    """A subject-mask bias (M-MIVA) for the two calls of ``ReferenceFrames.attend``."""
+
+    lead: list[QueryGroup]  # the lead frames' queries against frame 0's T keys
+    rest: list[QueryGroup]  # one later frame's T queries against its 2T keys, the same for every later frame
+
+
 @dataclass(frozen=True)
 class ReferenceFrames:
-    """The base's keys and values gathered once per block for every adapter: frame f's keys are
-    [frame 0 ; frame max(f - 1, 0)]."""
+    """The base's keys and values gathered once per block for every adapter, laid out as SDPA reads them.
 
-    keys: torch.Tensor  # [B * F, H, 2T, D]
-    first_values: torch.Tensor  # [B, F, T, H, D] (frame 0, broadcast)
-    previous_values: torch.Tensor  # [B, F, T, H, D]
+    Frame f attends to [frame 0 ; frame max(f - 1, 0)]. For frames 0 and 1 that is frame 0 twice, and attention
+    over a key set written twice equals attention over it once with values weighted (lambda_0 + lambda_1) / 2:
+    so those lead frames attend to frame 0's T keys in one call, and frames 2.. to their 2T keys in another.
+    """
+
+    first_keys: torch.Tensor  # [B, H, T, D]
+    first_values: torch.Tensor  # [B, H, T, D]
+    keys: torch.Tensor  # [B * (F - 2), H, 2T, D], frames 2..
+    values: torch.Tensor  # [B, F - 2, H, 2T, D]
     frames: int
     heads: int
 
     @classmethod
     def gather(cls, keys: torch.Tensor, values: torch.Tensor, frames: int, heads: int) -> ReferenceFrames:
-        batch, tokens, width = keys.shape
-        per_frame = tokens // frames
-        shape = (batch, frames, per_frame, heads, width // heads)
-        keys, values = keys.reshape(shape), values.reshape(shape)
-        previous = torch.tensor([0] + list(range(frames - 1)), device=keys.device)
-        first_keys = keys[:, :1].expand(shape)
-        gathered = torch.cat((first_keys, keys[:, previous]), dim=2)  # [B, F, 2T, H, D]
-        gathered = gathered.flatten(0, 1).transpose(1, 2)
-        return cls(gathered, values[:, :1].expand(shape), values[:, previous], frames, heads)
+        later = max(frames - LEAD_FRAMES, 0)
 
-    def attend(self, query: torch.Tensor, lambdas: torch.Tensor,
-               groups: list[QueryGroup] | None = None) -> torch.Tensor:
-        """Cross-frame attention of ``query`` [B, F*T, d] with frame weights [B, 2]; returns [B, F*T, d].
+        def split(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            batch, tokens, width = tensor.shape
+            per_frame = tokens // frames
+            by_frame = tensor.reshape(batch, frames, per_frame, heads, width // heads).transpose(2, 3)
+            # Slice copies into one buffer: cheaper than indexing, concatenating and transposing.
+            gathered = tensor.new_empty(batch, later, heads, 2 * per_frame, width // heads)
+            gathered[:, :, :, :per_frame] = by_frame[:, :1]
+            gathered[:, :, :, per_frame:] = by_frame[:, LEAD_FRAMES - 1:-1]
+            return by_frame[:, 0].contiguous(), gathered
 
-        ``groups`` biases the logits (M-MIVA's subject mask): query groups over one frame's T queries, key biases
-        over its 2T keys, the same for every frame.
-        """
+        first_keys, later_keys = split(keys)
+        first_values, later_values = split(values)
+        return cls(first_keys, first_values, later_keys.flatten(0, 1), later_values, frames, heads)
+
+    def attend(self, query: torch.Tensor, lambdas: torch.Tensor, bias: CrossFrameBias | None = None) -> torch.Tensor:
+        """Cross-frame attention of ``query`` [B, F*T, d] with frame weights [B, 2]; returns [B, F*T, d]."""
         batch, tokens, width = query.shape
-        scale = lambdas.to(self.first_values.dtype).view(batch, 1, 1, 1, 1, 2)
-        values = torch.cat((self.first_values * scale[..., 0], self.previous_values * scale[..., 1]), dim=2)
-        values = values.flatten(0, 1).transpose(1, 2)  # [B * F, H, 2T, D]
-        q = query.reshape(batch * self.frames, tokens // self.frames, self.heads, width // self.heads).transpose(1, 2)
-        if groups is None:
-            out = F.scaled_dot_product_attention(q, self.keys, values)
-        else:
-            out = grouped_bias_attention(sdpa, q, self.keys, values, self.heads, groups, skip_reshape=True,
-                                         skip_output_reshape=True)
-        return out.transpose(1, 2).reshape(batch, tokens, width)
+        per_frame = tokens // self.frames
+        lead = min(self.frames, LEAD_FRAMES) * per_frame
+        lambdas = lambdas.to(self.first_values.dtype)
+        by_head = query.unflatten(-1, (self.heads, width // self.heads))
+        lead_values = self.first_values * (lambdas.sum(dim=1) / 2).view(batch, 1, 1, 1)
+        parts = [_attention(by_head[:, :lead].transpose(1, 2), self.first_keys, lead_values, self.heads,
+                            None if bias is None else bias.lead)]
+        if lead < tokens:
+            # lambda_0 on frame 0's values, lambda_1 on the previous frame's: one multiply over the gathered values.
+            scale = lambdas.repeat_interleave(per_frame, dim=1).view(batch, 1, 1, 2 * per_frame, 1)
+            q = by_head[:, lead:].reshape(-1, per_frame, self.heads, width // self.heads).transpose(1, 2)
+            parts.append(_attention(q, self.keys, (self.values * scale).flatten(0, 1), self.heads,
+                                    None if bias is None else bias.rest))
+        return torch.cat([part.transpose(1, 2).reshape(batch, -1, width) for part in parts], dim=1)
+
+
+def cross_frame_bias(frame_scores: torch.Tensor, frames: int) -> CrossFrameBias:
+    """A subject mask's bias on the cross-frame attention when every frame takes the one mask ``frame_scores`` [T]:
+    the lead frames' queries against frame 0's keys, a later frame's against [frame 0 ; previous frame]."""
+    lead = frame_scores.repeat(min(frames, LEAD_FRAMES))
+    return CrossFrameBias(score_groups(lead, frame_scores), score_groups(frame_scores, frame_scores.repeat(2)))
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+               groups: list[QueryGroup] | None) -> torch.Tensor:
+    """SDPA over [n, H, L, D] tensors, biased by ``groups`` when given."""
+    if groups is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    return grouped_bias_attention(sdpa, q, k, v, heads, groups, skip_reshape=True, skip_output_reshape=True)
 
 
 def adapter_query(x: torch.Tensor, base_query: torch.Tensor, weights: CrossFrameWeights,
@@ -391,10 +428,10 @@ def adapter_query(x: torch.Tensor, base_query: torch.Tensor, weights: CrossFrame
 def cross_frame_residual(x: torch.Tensor, base_query: torch.Tensor, frames: ReferenceFrames,
                          time_embedding: torch.Tensor, weights: CrossFrameWeights,
                          rope: Callable[[torch.Tensor], torch.Tensor],
-                         mask_groups: list[QueryGroup] | None = None) -> torch.Tensor:
-    """One adapter's cross-frame attention output for the video tokens, [B, F*T, d] (masked by ``mask_groups``)."""
+                         mask_bias: CrossFrameBias | None = None) -> torch.Tensor:
+    """One adapter's cross-frame attention output for the video tokens, [B, F*T, d] (masked by ``mask_bias``)."""
     attention = frames.attend(adapter_query(x, base_query, weights, rope), frame_weights(weights, time_embedding),
-                              mask_groups)
+                              mask_bias)
     return low_rank(attention, weights.o_down, weights.o_up)
 
 

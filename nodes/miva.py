@@ -20,12 +20,14 @@ from comfy.ldm.flux.math import apply_rope1
 from comfy.ldm.wan.model import sinusoidal_embedding_1d
 from comfy_api.latest import io, ui
 
-from ..models.mask_attention import BACKGROUND, reference_keys, region_groups, region_map, score_groups
+from ..models.mask_attention import BACKGROUND, region_groups, region_map, score_groups
 from ..models.miva import (
     Adapter,
     BlockAdapter,
+    CrossFrameBias,
     ReferenceFrames,
     convert_authors_layout,
+    cross_frame_bias,
     cross_frame_residual,
     implicit_prompt,
     load_adapter,
@@ -148,7 +150,7 @@ class MaskPlan:
     """The subject-mask biases of one token grid, as query groups: computed once, used by every step and block."""
 
     self_attention: list  # over the F * T video tokens, queries and keys
-    cross_frame: list  # per row: over a frame's T queries and its 2T keys [frame 0 ; previous frame]
+    cross_frame: list[CrossFrameBias]  # per row
 
 
 def plan_masks(rows: tuple[StackRow, ...], layout: TokenLayout, device) -> MaskPlan:
@@ -160,14 +162,14 @@ def plan_masks(rows: tuple[StackRow, ...], layout: TokenLayout, device) -> MaskP
     if len(rows) == 1:
         (frame,) = scores
         video = frame.repeat(layout.frames)
-        return MaskPlan(score_groups(video, video), [score_groups(frame, reference_keys(frame))])
+        return MaskPlan(score_groups(video, video), [cross_frame_bias(frame, layout.frames)])
     labels = region_map(torch.stack([s for s in scores if s is not None]))
     background = (labels == BACKGROUND).float()
     video_labels = labels.repeat(layout.frames)
     cross_frame = []
     for frame in scores:
         frame = background if frame is None else frame
-        cross_frame.append(score_groups(frame, reference_keys(frame)))
+        cross_frame.append(cross_frame_bias(frame, layout.frames))
     return MaskPlan(region_groups(video_labels, video_labels), cross_frame)
 
 
@@ -237,10 +239,10 @@ class MivaEffect(MotionEffect):
         plan = self._mask_plan(layout, x.device)
         residual = None
         for i, (row, weights) in enumerate(zip(self.rows, self._block_weights(ctx.block_index, x), strict=True)):
-            mask_groups = None if plan is None else plan.cross_frame[i]
-            part = cross_frame_residual(x, base_query, frames, time_embedding, weights.cfa, rope, mask_groups)
-            part = part * row.weight
-            residual = part if residual is None else residual + part
+            mask_bias = None if plan is None else plan.cross_frame[i]
+            part = cross_frame_residual(x, base_query, frames, time_embedding, weights.cfa, rope, mask_bias)
+            # part is a fresh tensor of this loop, so weighting and summing in place is safe.
+            residual = part.mul_(row.weight) if residual is None else residual.add_(part, alpha=row.weight)
         if (start, end) != (0, block_input.shape[1]):
             padded = torch.zeros_like(block_input)
             padded[:, start:end] = residual

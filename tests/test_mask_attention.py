@@ -10,6 +10,7 @@ from motion_dials.models import attention as grouped
 from motion_dials.models.attention import combine_groups, grouped_bias_attention
 from motion_dials.models.dymos import dymos_query_groups
 from motion_dials.models.mask_attention import region_groups, region_map, score_groups
+from motion_dials.models.miva import ReferenceFrames, cross_frame_bias
 from motion_dials.nodes.miva import token_scores
 
 ATTENTION_FUNCTIONS = {"host default": comfy_attention.optimized_attention.__wrapped__,
@@ -128,6 +129,30 @@ def test_cross_frame_shape_queries_of_one_frame_against_two_frames_of_keys():
     q, k, v = qkv(8, queries=TOKENS_PER_FRAME, keys=2 * TOKENS_PER_FRAME)
     got = run_grouped(grouped.sdpa, q, k, v, score_groups(frame, keys), skip_reshape=True)
     torch.testing.assert_close(got, full_attention(q, k, v, reference_pair_bias(frame, keys)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("frames", [1, 2, 3, 5])
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
+def test_cross_frame_attention_equals_each_frame_against_frame_0_and_its_previous_frame(frames, masked):
+    """Frames 0 and 1 take the shortcut (frame 0's keys once, values weighted by the mean lambda), later frames the
+    gathered 2T keys: both must equal REFERENCE section 3 written frame by frame, lambdas that need not sum to 1."""
+    width, per_frame = HEADS * DIM_HEAD, TOKENS_PER_FRAME
+    generator = torch.Generator().manual_seed(frames)
+    q, k, v = (torch.randn(BATCH, frames * per_frame, width, generator=generator) for _ in range(3))
+    lambdas = torch.rand(BATCH, 2, generator=generator)
+    frame = scores("edge", per_frame, seed=3)
+    bias = cross_frame_bias(frame, frames) if masked else None
+    got = ReferenceFrames.gather(k, v, frames, HEADS).attend(q, lambdas, bias)
+
+    split = lambda t, f: t[:, f * per_frame:(f + 1) * per_frame].unflatten(-1, (HEADS, -1)).transpose(1, 2)  # noqa: E731
+    key_bias = reference_pair_bias(frame, torch.cat([frame, frame])) if masked else 0.0
+    expected = []
+    for f in range(frames):
+        keys = torch.cat([split(k, 0), split(k, max(f - 1, 0))], dim=2)
+        values = torch.cat([lambdas[:, 0, None, None, None] * split(v, 0),
+                            lambdas[:, 1, None, None, None] * split(v, max(f - 1, 0))], dim=2)
+        expected.append(full_attention(split(q, f), keys, values, key_bias).transpose(1, 2).flatten(2))
+    torch.testing.assert_close(got, torch.cat(expected, dim=1), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["edge", "regions"])
