@@ -16,7 +16,8 @@ EDG, same run:
     ComfyUI patches): time, and peak memory above the two loaded inputs, in units of the largest tensor.
 MIVA, same run:
 (f) sampling at Wan 1.3B geometry (2 blocks, 2,080 tokens) with 0, 1, 2 and 4 adapters, interleaved runs,
-    ratios of medians;
+    ratios of medians (with the spread of the ratios within each round of runs), and the ratios of the
+    floating-point operations of one run, which machine noise does not move;
 (g) M-MIVA: one self-attention call with a subject-mask bias (one subject, or two subjects and the
     background) vs plain: time at N = 4,096, peak memory at 4,096 and 16,384; sampling with masked
     adapters vs the same adapters plain.
@@ -437,10 +438,13 @@ def miva_model_file() -> Path:
     return path
 
 
-def time_miva_stacks(stacks: dict, repeats: int) -> dict:
-    """Median seconds of sampling (2 euler steps, cfg 1 as in the paper) the MIVA-geometry model with each stack,
-    runs interleaved. ``stacks`` maps a name to a tuple of (adapter number, weight, mask or None)."""
+def time_miva_stacks(stacks: dict, repeats: int, count_flops: bool = False) -> tuple[dict, dict]:
+    """Seconds of each run sampling (2 euler steps, cfg 1 as in the paper) the MIVA-geometry model with each stack,
+    runs interleaved, round by round; with ``count_flops``, also the floating-point operations of one run of each
+    (matrix products and attention), a figure no machine noise moves. ``stacks`` maps a name to a tuple of
+    (adapter number, weight, mask or None)."""
     import torch
+    from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
 
     import nodes
     from motion_dials.models.miva import Adapter, AdapterInfo
@@ -472,28 +476,55 @@ def time_miva_stacks(stacks: dict, repeats: int) -> dict:
             start = time.perf_counter()
             run(variants[name])
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    flops = {}
+    if count_flops:
+        cpu_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        if cpu_attention not in flop_registry:  # PyTorch counts only its GPU attention kernels
+            register_flop_formula(cpu_attention)(
+                lambda query, key, value, *args, out_shape=None, **kwargs: sdpa_flop_count(query, key, value))
+        for name, variant in variants.items():
+            with FlopCounterMode(display=False) as counter:
+                run(variant)
+            flops[name] = counter.get_total_flops()
+    return times, flops
 
 
 def bench_miva(repeats: int) -> dict:
     """Sampling with 0, 1, 2 and 4 adapters."""
-    medians = time_miva_stacks({count: tuple((i, 1.0 / max(count, 1), None) for i in range(count))
-                                for count in MIVA_ADAPTER_COUNTS}, repeats)
+    times, flops = time_miva_stacks({count: tuple((i, 1.0 / max(count, 1), None) for i in range(count))
+                                     for count in MIVA_ADAPTER_COUNTS}, repeats, count_flops=True)
+    medians = {count: statistics.median(runs) for count, runs in times.items()}
     ratios = {count: medians[count] / medians[0] for count in MIVA_ADAPTER_COUNTS}
+    # Each round ran every stack once: its ratios to the same round's bare run show how far the machine moved.
+    round_quartiles = {count: statistics.quantiles([run / bare for run, bare in zip(times[count], times[0],
+                                                                                    strict=True)], n=4)
+                       for count in MIVA_ADAPTER_COUNTS}
+    flop_ratios = {count: flops[count] / flops[0] for count in MIVA_ADAPTER_COUNTS}
+    low, _, high = statistics.quantiles(times[0], n=4)
     frames, height, width = MIVA_LATENT
     return {"bench": "MIVA, Wan 1.3B geometry, 2 blocks", "tokens": frames * height * width // 4,
             "median_s": {str(c): medians[c] for c in medians}, "ratio": {str(c): ratios[c] for c in ratios},
-            "further_adapter_step": max((ratios[2] - ratios[1]), (ratios[4] - ratios[2]) / 2)}
+            "round_ratio_quartiles": {str(c): round_quartiles[c] for c in round_quartiles},
+            "bare_spread": (high - low) / medians[0],
+            "runs_s": {str(c): times[c] for c in times}, "further_adapter_step": further_adapter_step(ratios),
+            "flops": {str(c): flops[c] for c in flops}, "flop_ratio": {str(c): flop_ratios[c] for c in flop_ratios},
+            "flop_further_adapter_step": further_adapter_step(flop_ratios)}
+
+
+def further_adapter_step(ratios: dict) -> float:
+    """What each adapter after the first adds: the larger of (2) - (1) and ((4) - (2)) / 2."""
+    return max(ratios[2] - ratios[1], (ratios[4] - ratios[2]) / 2)
 
 
 def bench_masked_adapters(repeats: int) -> dict:
     """One adapter with a subject mask vs the same adapter plain, and two masked adapters vs the two plain."""
     frames, height, width = MIVA_LATENT
     masks = subject_masks(2)
-    medians = time_miva_stacks({
+    times, _ = time_miva_stacks({
         "one plain": ((0, 1.0, None),), "one masked": ((0, 1.0, masks[0]),),
         "two plain": ((0, 0.5, None), (1, 0.5, None)), "two masked": ((0, 0.5, masks[0]), (1, 0.5, masks[1])),
     }, repeats)
+    medians = {name: statistics.median(runs) for name, runs in times.items()}
     return {"bench": "M-MIVA, Wan 1.3B geometry, 2 blocks", "tokens": frames * height * width // 4,
             "median_s": medians, "one_ratio": medians["one masked"] / medians["one plain"],
             "two_ratio": medians["two masked"] / medians["two plain"]}
@@ -575,12 +606,16 @@ def run_edg(scale: float) -> tuple[dict, bool]:
 
 
 def run_miva(scale: float) -> tuple[dict, bool]:
-    miva = bench_miva(max(3, round(8 * scale)))
-    print(f"{miva['bench']}, {miva['tokens']} tokens, 2 euler steps, cfg 1:")
+    miva = bench_miva(max(3, round(16 * scale)))
+    print(f"{miva['bench']}, {miva['tokens']} tokens, 2 euler steps, cfg 1 (the bare runs' interquartile range is "
+          f"{miva['bare_spread']:.1%} of their median: the machine's noise, to weigh the ratios against):")
     for count, ratio in miva["ratio"].items():
-        print(f"  {count} adapters: {miva['median_s'][count]:.2f} s, ratio {ratio:.3f}")
+        low, _, high = miva["round_ratio_quartiles"][count]
+        print(f"  {count} adapters: {miva['median_s'][count]:.2f} s, ratio {ratio:.3f} (within rounds {low:.3f}-"
+              f"{high:.3f}); {miva['flops'][count] / 1e9:.1f} GFLOP, ratio {miva['flop_ratio'][count]:.3f}")
     print(f"  one adapter {miva['ratio']['1']:.3f} (goal <= {GOALS['miva_one_adapter']}); each further adapter adds "
-          f"at most {miva['further_adapter_step']:.3f} (goal <= {GOALS['miva_each_further_adapter']})")
+          f"at most {miva['further_adapter_step']:.3f} (goal <= {GOALS['miva_each_further_adapter']}); in operations "
+          f"{miva['flop_ratio']['1']:.3f} and {miva['flop_further_adapter_step']:.3f}")
     within = (miva["ratio"]["1"] <= GOALS["miva_one_adapter"]
               and miva["further_adapter_step"] <= GOALS["miva_each_further_adapter"])
     return {"miva": miva}, within
