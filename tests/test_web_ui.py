@@ -337,7 +337,7 @@ def test_miva_stack_rows_are_added_moved_toggled_removed_saved_and_sent_plainly(
     scale, at, title = 1.3, (350, 150), 30
     clip = {"x": at[0] - 30, "y": at[1] - (title + 20) * scale, "width": width * scale + 60,
             "height": (height + title + 40) * scale}
-    screenshot_around(page, "MIVAStack", "miva_stack.png", scale=scale, at=at, directory=REPO / "docs", clip=clip)
+    screenshot_around(page, "MIVAStack", "miva_stack.png", scale=scale, at=at, clip=clip)
 
 
 def miva_run_graph() -> dict:
@@ -431,5 +431,5 @@ def test_subject_mask_shows_what_it_found_or_a_warning_on_the_node(page, server)
     assert found.startswith("prompt: horse (best box") and "image 1: " in found and "WARNING" not in found
     # the picture for the README: the loaders, the node with what it found, and the preview
     page.evaluate("() => window.app.canvas.deselectAll()")
-    screenshot_around(page, "LoadImage", "subject_mask.png", scale=0.9, at=(110, 190), directory=REPO / "docs",
+    screenshot_around(page, "LoadImage", "subject_mask.png", scale=0.9, at=(110, 190),
                       clip={"x": 90, "y": 140, "width": 1000, "height": 640})
