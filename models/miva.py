@@ -396,9 +396,9 @@ class ReferenceFrames:
                             None if bias is None else bias.lead)]
         if lead < tokens:
             # lambda_0 on frame 0's values, lambda_1 on the previous frame's: one multiply over the gathered values.
-            scale = lambdas.repeat_interleave(per_frame, dim=1).view(batch, 1, 1, 2 * per_frame, 1)
+            values = self.values.unflatten(3, (2, per_frame)) * lambdas.view(batch, 1, 1, 2, 1, 1)
             q = by_head[:, lead:].reshape(-1, per_frame, self.heads, width // self.heads).transpose(1, 2)
-            parts.append(_attention(q, self.keys, (self.values * scale).flatten(0, 1), self.heads,
+            parts.append(_attention(q, self.keys, values.flatten(3, 4).flatten(0, 1), self.heads,
                                     None if bias is None else bias.rest))
         return torch.cat([part.transpose(1, 2).reshape(batch, -1, width) for part in parts], dim=1)
 
