@@ -305,13 +305,13 @@ def edg_model_files() -> tuple[Path, Path]:
     from safetensors.torch import save_file
 
     if __package__:
-        from .tiny_models import _wan, random_state_dict
+        from .tiny_models import diffusion_state_dict, wan_keys
     else:
-        from tiny_models import _wan, random_state_dict
+        from tiny_models import diffusion_state_dict, wan_keys
 
     EDG_MODEL_DIR.mkdir(parents=True, exist_ok=True)
     for seed, path in enumerate(files, start=21):
-        state = random_state_dict(_wan("t2v", 16, 16, **EDG_GEOMETRY, device="meta"), seed, torch.float16)
+        state = diffusion_state_dict(wan_keys(16, 16, **EDG_GEOMETRY), seed, torch.float16)
         save_file(state, str(path))
     return files
 
@@ -432,10 +432,10 @@ def miva_model_file() -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from .tiny_models import _wan, random_state_dict
+    from .tiny_models import diffusion_state_dict, wan_keys
 
     EDG_MODEL_DIR.mkdir(parents=True, exist_ok=True)
-    save_file(random_state_dict(_wan("t2v", 16, 16, **MIVA_GEOMETRY, device="meta"), 41, torch.float16), str(path))
+    save_file(diffusion_state_dict(wan_keys(16, 16, **MIVA_GEOMETRY), 41, torch.float16), str(path))
     return path
 
 

@@ -22,8 +22,10 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-COMFYUI_PATH = Path(os.environ.get("COMFYUI_PATH", REPO / ".host" / "ComfyUI")).resolve()
-TINY_MODELS = Path(os.environ.get("MOTION_DIALS_TINY_MODELS", REPO / ".host" / "tiny_models")).resolve()
+# `make` sets all three for the host it runs on; the defaults are the environment `make setup` prepares first.
+HOST_NAME = os.environ.get("MOTION_DIALS_HOST", "033")
+COMFYUI_PATH = Path(os.environ.get("COMFYUI_PATH", REPO / ".host" / HOST_NAME / "ComfyUI")).resolve()
+TINY_MODELS = Path(os.environ.get("MOTION_DIALS_TINY_MODELS", REPO / ".host" / HOST_NAME / "tiny_models")).resolve()
 FIXTURE_NODES = REPO / "tests" / "host_fixture"
 PACK_NAME = "motion_dials"
 

@@ -1,10 +1,13 @@
 """Tiny random-weight models in the real file formats, for tests and the demo.
 
-`python -m tests.tiny_models --out DIR` builds each model from ComfyUI's own model classes at a tiny
-size (two blocks, 256 wide: 2 heads of 128, the head size ComfyUI's detection assumes) and saves its
-weights as safetensors under the standard file name of ComfyUI's workflow templates. The files carry
-the real key names, so ComfyUI's real loaders (UNETLoader, VAELoader) detect the family from the keys
-and shapes exactly as they do for the released files.
+`python -m tests.tiny_models --out DIR` builds each diffusion model the way the host itself does when it
+loads a file: ComfyUI's model detection reads a few keys and shapes of the real format (two blocks, 256
+wide: 2 heads of 128, the head size ComfyUI's detection assumes), and the model configuration it picks
+builds the model with whatever parameters that host's classes take. The weights are then drawn at random
+and saved as safetensors under the standard file name of ComfyUI's workflow templates, and the full file
+is checked to detect as the same model again. So ComfyUI's real loaders (UNETLoader, VAELoader) read them
+exactly as they read the released files, and each host gets files of its own model classes. Families a
+host does not have (CogVideoX before ComfyUI 0.4) are left out on that host.
 
 What cannot shrink: layers whose widths are fixed by the encoders feeding them (umt5 4096, CLIP-H
 1280, Qwen2.5-VL 3584, SigLIP 1152), so the I2V files are larger than the T2V ones. HunyuanVideo
@@ -44,8 +47,14 @@ class TinyModel:
     family: str
     role: str
     template: str  # a template of comfyui_workflow_templates that loads this file ("" for none)
-    build: str  # key of BUILDERS
+    build: str  # key of DIFFUSION_KEYS or VAES
     seed: int
+    needs: str = ""  # a module of the host the family lives in, for families that not every host has
+
+    def on_this_host(self) -> bool:
+        import importlib.util
+
+        return not self.needs or importlib.util.find_spec(self.needs) is not None
 
 
 MODELS = (
@@ -64,6 +73,9 @@ MODELS = (
     # No template loads a motion fine-tune; this stands in for EDG's theta_sft in workflows/edg_wan21_i2v.
     TinyModel("diffusion_models", "wan2.1_i2v_480p_14B_motion_finetune_fp16.safetensors", "wan2.1",
               "i2v motion fine-tune (EDG's theta_sft)", "", "wan21_i2v", 9),
+    # The fourth model of the DyMoS paper; in ComfyUI since after 0.3.75. No template loads it.
+    TinyModel("diffusion_models", "cogvideox_5b_i2v_bf16.safetensors", "cogvideox", "i2v (1.0, 5B layout)", "",
+              "cogvideox_i2v", 10, needs="comfy.ldm.cogvideo"),
     # A video family Motion Dials does not support, for the clear-error tests.
     TinyModel("diffusion_models", "hunyuan_video_t2v_720p_bf16.safetensors", "hunyuan_video_1.0",
               "t2v (unsupported by Motion Dials)", "hunyuan_video_text_to_video", "hunyuan10_t2v", 8),
@@ -72,51 +84,78 @@ MODELS = (
 )
 
 
-def _wan(model_type: str, in_dim: int, out_dim: int, *, dim: int = WIDTH, ffn_dim: int = WAN_FFN,
-         layers: int = BLOCKS, device=None):
-    """Wan 2.1 / 2.2: in_dim 16 (t2v), 36 (16 noise + 16 image latent + 4 mask) or 48 (TI2V 5B latent).
-
-    model_type "i2v" adds img_emb (the CLIP-vision branch of Wan 2.1 I2V); Wan 2.2 has none, the image
-    reaches it only through the input channels. The benchmarks build larger ones (dim, ffn_dim, layers).
-    """
-    import comfy.ldm.wan.model
-    import comfy.ops
-
-    return comfy.ldm.wan.model.WanModel(
-        model_type=model_type, patch_size=(1, 2, 2), in_dim=in_dim, dim=dim, ffn_dim=ffn_dim, freq_dim=256,
-        text_dim=4096, out_dim=out_dim, num_heads=dim // 128, num_layers=layers, qk_norm=True,
-        cross_attn_norm=True, eps=1e-6, operations=comfy.ops.disable_weight_init, device=device,
-    )
+def wan_keys(in_dim: int, out_dim: int, *, image_branch: bool = False, dim: int = WIDTH, ffn_dim: int = WAN_FFN,
+             layers: int = BLOCKS) -> dict:
+    """Wan 2.1 / 2.2: in_dim 16 (t2v), 36 (16 noise + 16 image latent + 4 mask) or 48 (TI2V 5B latent);
+    ``image_branch``: the CLIP-vision projection of Wan 2.1 I2V (Wan 2.2 sees the image only through its input
+    channels). The benchmarks ask for larger ones (dim, ffn_dim, layers)."""
+    keys = {"head.modulation": (1, 2, dim), "head.head.weight": (out_dim * 4, dim),
+            "patch_embedding.weight": (dim, in_dim, 1, 2, 2)}
+    keys.update({f"blocks.{i}.ffn.0.weight": (ffn_dim, dim) for i in range(layers)})
+    if image_branch:
+        keys["img_emb.proj.0.bias"] = (1280,)
+    return keys
 
 
-def _hunyuan15_i2v():
-    """HunyuanVideo 1.5 I2V: double blocks only, like the real one.
-
-    Input 65 = 32 latent + 32 image latent + 1 mask; Qwen2.5-VL text (3584); SigLIP vision (1152);
-    cond_type_embedding as the real model; no ByT5 branch (see the module docstring).
-    """
-    import comfy.ldm.hunyuan_video.model
-    import comfy.ops
-
-    return comfy.ldm.hunyuan_video.model.HunyuanVideo(
-        image_model="hunyuan_video", in_channels=65, out_channels=32, vec_in_dim=None, context_in_dim=3584,
-        hidden_size=WIDTH, mlp_ratio=4.0, num_heads=WIDTH // 128, depth=BLOCKS, depth_single_blocks=0,
-        axes_dim=[16, 56, 56], theta=256, patch_size=[1, 1, 1], qkv_bias=True, guidance_embed=False, byt5=False,
-        meanflow=False, use_cond_type_embedding=True, vision_in_dim=1152, operations=comfy.ops.disable_weight_init,
-    )
+def hunyuan15_i2v_keys() -> dict:
+    """HunyuanVideo 1.5 I2V: double blocks only, like the real one. Input 65 = 32 latent + 32 image latent +
+    1 mask; Qwen2.5-VL text (3584); SigLIP vision (1152); cond_type_embedding; no ByT5 branch (see above)."""
+    keys = {"txt_in.individual_token_refiner.blocks.0.norm1.weight": (WIDTH,),
+            "img_in.proj.weight": (WIDTH, 65, 1, 1, 1), "final_layer.linear.weight": (32, WIDTH),
+            "txt_in.input_embedder.weight": (WIDTH, 3584), "cond_type_embedding.weight": (3, WIDTH),
+            "vision_in.proj.0.weight": (1152,)}
+    keys.update({f"double_blocks.{i}.img_mod.lin.weight": (6 * WIDTH, WIDTH) for i in range(BLOCKS)})
+    return keys
 
 
-def _hunyuan10_t2v():
-    """HunyuanVideo 1.0 T2V: llava text (4096), CLIP-L pooled vector (768), guidance embedding."""
-    import comfy.ldm.hunyuan_video.model
-    import comfy.ops
+def hunyuan10_t2v_keys() -> dict:
+    """HunyuanVideo 1.0 T2V: llava text (4096), CLIP-L pooled vector (768), guidance embedding; one double and
+    one single block."""
+    return {"txt_in.individual_token_refiner.blocks.0.norm1.weight": (WIDTH,),
+            "img_in.proj.weight": (WIDTH, 16, 1, 2, 2), "final_layer.linear.weight": (16 * 4, WIDTH),
+            "txt_in.input_embedder.weight": (WIDTH, 4096), "vector_in.in_layer.weight": (WIDTH, 768),
+            "guidance_in.in_layer.weight": (WIDTH, 256), "double_blocks.0.img_mod.lin.weight": (6 * WIDTH, WIDTH),
+            "single_blocks.0.modulation.lin.weight": (3 * WIDTH, WIDTH)}
 
-    return comfy.ldm.hunyuan_video.model.HunyuanVideo(
-        image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
-        hidden_size=WIDTH, mlp_ratio=4.0, num_heads=WIDTH // 128, depth=1, depth_single_blocks=1,
-        axes_dim=[16, 56, 56], theta=256, patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=True, byt5=False,
-        meanflow=False, use_cond_type_embedding=False, vision_in_dim=None, operations=comfy.ops.disable_weight_init,
-    )
+
+COGVIDEOX_WIDTH = 128  # ComfyUI derives CogVideoX's head count as width // 64
+COGVIDEOX_TIME = 128
+
+
+def cogvideox_i2v_keys() -> dict:
+    """CogVideoX 1.0 I2V (the 5B I2V layout): 2-D patch embedding of 32 channels (16 noise + 16 image latent),
+    T5-XXL text (4096), rotary positions (no learned position table)."""
+    keys = {"patch_embed.proj.weight": (COGVIDEOX_WIDTH, 32, 2, 2),
+            "patch_embed.text_proj.weight": (COGVIDEOX_WIDTH, 4096)}
+    keys.update({f"blocks.{i}.norm1.linear.weight": (6 * COGVIDEOX_WIDTH, COGVIDEOX_TIME) for i in range(BLOCKS)})
+    return keys
+
+
+def detected_diffusion_model(keys: dict):
+    """The diffusion model the host builds for a file with these keys (shapes only, on the meta device).
+
+    ComfyUI's own model detection reads the keys and shapes, and its model configuration builds the model with
+    every parameter the host's classes take: nothing here depends on a host's constructor signatures."""
+    import comfy.model_detection
+    import torch
+
+    state = {key: torch.empty(shape, device="meta") for key, shape in keys.items()}
+    config = comfy.model_detection.model_config_from_unet(state, "")
+    if config is None:
+        raise RuntimeError(f"this ComfyUI detects no model from the keys {sorted(keys)}")
+    return config, config.get_model(state, "", device=torch.device("meta")).diffusion_model
+
+
+def diffusion_state_dict(keys: dict, seed: int, dtype) -> dict:
+    """A full random state dict of the model the host detects from ``keys``, checked to detect the same again."""
+    import comfy.model_detection
+
+    config, module = detected_diffusion_model(keys)
+    state = random_state_dict(module, seed, dtype)
+    again = comfy.model_detection.model_config_from_unet({k: v.to("meta") for k, v in state.items()}, "")
+    if type(again) is not type(config) or again.unet_config != config.unet_config:
+        raise RuntimeError(f"the generated file detects as {type(again).__name__}, not {type(config).__name__}")
+    return state
 
 
 def _wan21_vae():
@@ -127,15 +166,23 @@ def _wan21_vae():
                                     temperal_downsample=[False, True, True], dropout=0.0)
 
 
-BUILDERS = {
-    "wan21_i2v": lambda: _wan("i2v", 36, 16),
-    "wan21_t2v": lambda: _wan("t2v", 16, 16),
-    "wan22_i2v": lambda: _wan("t2v", 36, 16),
-    "wan22_ti2v": lambda: _wan("t2v", 48, 48),
-    "hunyuan15_i2v": _hunyuan15_i2v,
-    "hunyuan10_t2v": _hunyuan10_t2v,
-    "wan21_vae": _wan21_vae,
+# Diffusion models: the keys ComfyUI detects them by. The VAE: ComfyUI's VAE class of that name.
+DIFFUSION_KEYS = {
+    "wan21_i2v": lambda: wan_keys(36, 16, image_branch=True),
+    "wan21_t2v": lambda: wan_keys(16, 16),
+    "wan22_i2v": lambda: wan_keys(36, 16),
+    "wan22_ti2v": lambda: wan_keys(48, 48),
+    "hunyuan15_i2v": hunyuan15_i2v_keys,
+    "hunyuan10_t2v": hunyuan10_t2v_keys,
+    "cogvideox_i2v": cogvideox_i2v_keys,
 }
+VAES = {"wan21_vae": _wan21_vae}
+
+
+def model_state_dict(build: str, seed: int, dtype) -> dict:
+    if build in VAES:
+        return random_state_dict(VAES[build](), seed, dtype)
+    return diffusion_state_dict(DIFFUSION_KEYS[build](), seed, dtype)
 
 
 def storage_dtype(file_name: str):
@@ -221,9 +268,11 @@ def generate(out: Path) -> dict:
 
     manifest = {}
     for model in MODELS:
+        if not model.on_this_host():
+            continue
         (out / model.folder).mkdir(parents=True, exist_ok=True)
         dtype = storage_dtype(model.file_name)
-        state = random_state_dict(BUILDERS[model.build](), model.seed, dtype)
+        state = model_state_dict(model.build, model.seed, dtype)
         save_file(state, str(out / model.folder / model.file_name), metadata={"motion_dials": "tiny random weights"})
         manifest[f"{model.folder}/{model.file_name}"] = {
             "family": model.family, "role": model.role, "template": model.template, "dtype": str(dtype).split(".")[1],
