@@ -49,7 +49,7 @@ class ReferenceShareProbe(MotionEffect):
         if ctx.kind not in (AttentionKind.VIDEO_SELF, AttentionKind.JOINT):
             return
         layout = ctx.layout
-        reference_end = layout.video_start + self.reference_frames * layout.tokens_per_frame
+        reference_end = layout.frame_start(self.reference_frames)
         if reference_end >= layout.video_end:
             return
         mass = attention_mass(
@@ -189,8 +189,8 @@ class AttentionInspector(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                 reference_frames, fraction, blocks, heads) -> io.NodeOutput:
         diffusion_model = model.get_model_object("diffusion_model")
-        # Block indices count within each of the family's block lists (as the core numbers them).
-        block_count = max(len(getattr(diffusion_model, attribute)) for attribute, _ in detect_family(model).block_lists)
+        # Block indices count within each block type of the family (as the core numbers them).
+        block_count = 1 + max(index for _, index, _ in detect_family(model).blocks(diffusion_model))
         probe = FrameAttentionProbe(fraction, parse_indices(blocks, "blocks", block_count),
                                     parse_indices(heads, "heads"))
         sample_with_probe(probe, measured_steps(model, steps, scheduler, fraction), model, positive, negative,

@@ -5,13 +5,14 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..models.dymos import SCHEDULES, dymos_query_groups
+from .families import supported_families
 from .patcher_core import AttentionContext, AttentionKind, MotionEffect, apply_effect
 
 CATEGORY = "Motion Dials"
 
 PAPER_SETTINGS = (
     "Paper settings: Wan 2.2 I2V A14B strength 0.6, tau 0.2; Wan 2.1 I2V 14B strength 1.0, tau 0.25; "
-    "HunyuanVideo 1.5 I2V strength 1.0, tau 0.2."
+    "HunyuanVideo 1.5 I2V strength 1.0, tau 0.2; CogVideoX-5B I2V strength 0.8, tau 0.24."
 )
 
 
@@ -64,8 +65,8 @@ class DyMoSMotionSlider(io.ComfyNode):
             inputs=[
                 io.Model.Input(
                     "model",
-                    tooltip="A Wan 2.1 / 2.2 or HunyuanVideo 1.5 video model. For Wan 2.2's two experts, "
-                    "put one slider on each.",
+                    tooltip=f"A {supported_families()} video model. For Wan 2.2's two experts, put one "
+                    "slider on each.",
                 ),
                 io.Float.Input(
                     "strength",

@@ -34,9 +34,9 @@ from ..models.miva import (
     read_training_output,
     save_adapter,
 )
+from .families import WAN
 from .model_files import file_stamp, is_plain_name, register_model_folder, searched_folders
 from .patcher_core import (
-    WAN,
     AttentionContext,
     AttentionKind,
     BlockContext,
@@ -187,7 +187,7 @@ class MivaEffect(MotionEffect):
         self._mask_plans: dict = {}
 
     def _mask_plan(self, layout: TokenLayout, device) -> MaskPlan | None:
-        if not self.masked or (layout.video_start, layout.video_end) != (0, layout.sequence_length):
+        if not self.masked or not layout.video_only:
             return None
         key = (layout.frames, layout.height, layout.width, device)
         plan = self._mask_plans.get(key)
@@ -230,7 +230,7 @@ class MivaEffect(MotionEffect):
         # The base's own self-attention input and query projection, which every adapter's query starts from.
         x, base_query = kept.input[:, start:end], kept.query_projection[:, start:end]
         frames = ReferenceFrames.gather(kept.keys[:, start:end], kept.values[:, start:end], layout.frames, heads)
-        freqs = ctx.block_args["pe"][:, start:end]
+        freqs = ctx.inputs["freqs"][:, start:end]
 
         def rope(query):
             return apply_rope1(query.unflatten(-1, (heads, -1)), freqs).flatten(-2)

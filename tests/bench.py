@@ -123,10 +123,10 @@ def attention_case(tokens: int, variant: str, backend: str):
     """A callable doing one attention call as Wan's self-attention makes it, and what it needs."""
     import torch
 
+    from motion_dials.nodes.families import WAN, BlockRun
     from motion_dials.nodes.patcher_core import (
         FORWARD_KEY,
         PATCH_KEY,
-        WAN,
         ForwardState,
         MotionDialsPatch,
         _attention_override,
@@ -153,16 +153,15 @@ def attention_case(tokens: int, variant: str, backend: str):
             return 0.5
 
     state = ForwardState(
-        family=WAN, patch_size=(1, 2, 2), sigma=1.0, device=q.device, model_sampling=ActiveSampling(),
-        cond_or_uncond=[0], latent_grid=(frames, height * 2, width * 2),
+        family=WAN, sigma=1.0, device=q.device, model_sampling=ActiveSampling(), cond_or_uncond=[0],
+        latent_grid=(frames, height * 2, width * 2), token_grid=(frames, height, width),
     )
-    patch = MotionDialsPatch(WAN, (1, 2, 2), (attention_effect(variant, frames, height, width),), None)
+    patch = MotionDialsPatch(WAN, (attention_effect(variant, frames, height, width),), None)
     state.activate(patch)
     options = {PATCH_KEY: patch, FORWARD_KEY: state, "optimized_attention_override": _attention_override}
 
-    def call():
-        state.block_index, state.block_type, state.attention_calls_in_block, state.block_tokens = (
-            0, "double_block", 0, tokens)
+    def call():  # as inside block 0, whose first attention call is its video self-attention
+        state.block = BlockRun("double_block", 0, None, {}, q, 0)
         return attention(q, k, v, heads=HEADS, transformer_options=options)
 
     return call

@@ -8,6 +8,7 @@ KSampler) is ComfyUI's own.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import sys
 from dataclasses import dataclass
 
@@ -28,18 +29,26 @@ FRAMES, HEIGHT, WIDTH = 9, 64, 64  # pixels: 3 latent frames of 8 x 8 (Wan) or 4
 class Case:
     model_file: str
     family: str  # of the fixture encoders
-    image: str  # how the reference image enters: "wan_clip" (Wan 2.1 I2V), "wan_latent", "none", "hunyuan15"
+    # How the reference image enters: "wan_clip" (Wan 2.1 I2V), "wan_first_last" (FLF2V), "wan_latent", "none",
+    # "hunyuan15", "cogvideox".
+    image: str
     latent_channels: int
+    needs: str = ""  # a module of the host, for families not every host has
 
 
-CASES = {
+ALL_CASES = {
     "wan2.1_i2v": Case("wan2.1_i2v_480p_14B_fp16.safetensors", "wan", "wan_clip", 16),
+    "wan2.1_flf2v": Case("wan2.1_flf2v_720p_14B_fp16.safetensors", "wan", "wan_first_last", 16),
     "wan2.1_t2v": Case("wan2.1_t2v_1.3B_fp16.safetensors", "wan", "none", 16),
     "wan2.2_i2v_high": Case("wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors", "wan", "wan_latent", 16),
     "wan2.2_i2v_low": Case("wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors", "wan", "wan_latent", 16),
     "wan2.2_ti2v_5b": Case("wan2.2_ti2v_5B_fp16.safetensors", "wan", "none", 48),
     "hunyuan15_i2v": Case("hunyuanvideo1.5_720p_i2v_fp16.safetensors", "hunyuan_video_1.5", "hunyuan15", 32),
+    "cogvideox_i2v": Case("cogvideox_5b_i2v_bf16.safetensors", "cogvideox", "cogvideox", 16, "comfy.ldm.cogvideo"),
 }
+# The cases of this host: every supported family it has.
+CASES = {name: case for name, case in ALL_CASES.items()
+         if not case.needs or importlib.util.find_spec(case.needs) is not None}
 
 
 def load_tiny(name: str):
@@ -61,7 +70,7 @@ def conditioning(name: str):
     positive = MotionDialsTestConditioning().encode(case.family, "a red ball rolls across the table", 8)[0]
     negative = MotionDialsTestConditioning().encode(case.family, "static", 8)[0]
     image = torch.rand(1, HEIGHT, WIDTH, 3, generator=generator)
-    vision = MotionDialsTestClipVision().encode(image, case.family)[0]
+    vision = None if case.image == "cogvideox" else MotionDialsTestClipVision().encode(image, case.family)[0]
 
     if case.image in ("wan_clip", "wan_latent"):
         vae = nodes.VAELoader().load_vae("wan_2.1_vae.safetensors")[0]
@@ -70,10 +79,25 @@ def conditioning(name: str):
             positive, negative, vae, WIDTH, HEIGHT, FRAMES, 1, start_image=image, clip_vision_output=clip_vision
         ).result
         return positive, negative, latent
+    if case.image == "wan_first_last":
+        vae = nodes.VAELoader().load_vae("wan_2.1_vae.safetensors")[0]
+        last = torch.rand(1, HEIGHT, WIDTH, 3, generator=generator)
+        last_vision = MotionDialsTestClipVision().encode(last, case.family)[0]
+        positive, negative, latent = comfy_extras.nodes_wan.WanFirstLastFrameToVideo.execute(
+            positive, negative, vae, WIDTH, HEIGHT, FRAMES, 1, start_image=image, end_image=last,
+            clip_vision_start_image=vision, clip_vision_end_image=last_vision,
+        ).result
+        return positive, negative, latent
 
     scale = 16 if case.latent_channels in (32, 48) else 8
     latent_frames = (FRAMES - 1) // 4 + 1
     samples = torch.zeros(1, case.latent_channels, latent_frames, HEIGHT // scale, WIDTH // scale)
+    if case.image == "cogvideox":
+        # What an I2V conditioning gives CogVideoX: the image latent as frame 0 of concat_latent_image (the model
+        # pads the later frames with zeros), a random stand-in as its VAE is not tiny.
+        image_latent = torch.randn(samples[:, :, :1].shape, generator=generator)
+        positive = node_helpers.conditioning_set_values(positive, {"concat_latent_image": image_latent})
+        negative = node_helpers.conditioning_set_values(negative, {"concat_latent_image": image_latent})
     if case.image == "hunyuan15":
         # What HunyuanVideo15ImageToVideo adds, with a random stand-in for the image latent (its VAE is not tiny).
         image_latent = torch.zeros_like(samples)

@@ -235,8 +235,8 @@ def test_masked_adapters_on_tiny_wan_equal_the_plain_reference(tiny_models, case
         sa_bias = sa_bias.clone()
         sa_bias[per_frame:, :per_frame] -= strength
 
-    log = record_blocks(patched)
-    sample_tiny(CASE, patched, STEPS)
+    with record_blocks(patched) as log:
+        sample_tiny(CASE, patched, STEPS)
     state = {k.removeprefix("diffusion_model."): v.float() for k, v in patched.model.diffusion_model.state_dict(
         prefix="diffusion_model.").items()}
     model_sampling = patched.get_model_object("model_sampling")

@@ -1,5 +1,6 @@
 """MIVA adapters on the tiny Wan 2.1 T2V: exactness against a plain reference, stacking, file handling."""
 
+import contextlib
 import copy
 import os
 import re
@@ -31,7 +32,7 @@ from motion_dials.nodes.miva import (
     apply_stack,
     resolve_model_file,
 )
-from motion_dials.nodes.patcher_core import FORWARD_KEY, effects_of
+from motion_dials.nodes.patcher_core import FORWARD_KEY, PATCH_KEY, effects_of
 
 CASE = "wan2.1_t2v"
 STEPS = 3
@@ -136,26 +137,36 @@ def reference_block(state, i, x, vec, pe, context, rows, t_emb, frames, heads, s
     return x2 + y * e[5] + residual
 
 
+@contextlib.contextmanager
 def record_blocks(patched):
-    """Wrap the core's block replacements: each call's (index, inputs, output, sigmas)."""
+    """While inside: each block call of ``patched`` (index, inputs, output with the effects' residuals, sigmas)."""
     log = []
-    replaces = patched.model_options["transformer_options"]["patches_replace"]["dit"]
-    for (block_type, index), replace in list(replaces.items()):
-        def recorder(args, extra, replace=replace, index=index):
-            out = replace(args, extra)
-            state = args["transformer_options"].get(FORWARD_KEY)
-            log.append((index, {k: args[k] for k in ("img", "vec", "pe", "txt")}, out["img"].clone(),
-                        None if state is None else state.sigmas.clone()))
-            return out
-        replaces[(block_type, index)] = recorder
-    return log
+    patch = patched.model_options["transformer_options"][PATCH_KEY]
+
+    def recorder(index):
+        def record(_module, args, kwargs, output):
+            options = kwargs["transformer_options"]
+            if options.get(PATCH_KEY) is patch:
+                state = options.get(FORWARD_KEY)
+                log.append((index, {"img": args[0], "vec": kwargs["e"], "pe": kwargs["freqs"],
+                                    "txt": kwargs["context"]}, output.clone(),
+                            None if state is None else state.sigmas.clone()))
+        return record
+
+    hooks = [block.register_forward_hook(recorder(index), with_kwargs=True)
+             for index, block in enumerate(patched.model.diffusion_model.blocks)]
+    try:
+        yield log
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def test_patched_blocks_equal_the_plain_reference_at_several_timesteps(model):
     rows = ((adapter(HORSE), 0.8), (adapter(WATERFALL), -0.6))
     patched = apply_stack(model, stack(*((a, w, True) for a, w in rows)))
-    log = record_blocks(patched)
-    sample_tiny(CASE, patched, STEPS)
+    with record_blocks(patched) as log:
+        sample_tiny(CASE, patched, STEPS)
     state = {k.removeprefix("diffusion_model."): v.float() for k, v in patched.model.diffusion_model.state_dict(
         prefix="diffusion_model.").items()}
     model_sampling = patched.get_model_object("model_sampling")
@@ -188,11 +199,11 @@ def test_zero_output_projections_weight_zero_and_off_rows_leave_the_video_bit_id
 def first_block_change(model, rows) -> torch.Tensor:
     """Block 0's output minus the unpatched one (block 0's input is the same in every run)."""
     patched = apply_stack(model, stack(*rows))
-    log = record_blocks(patched)
-    sample_tiny(CASE, patched, 1)
+    with record_blocks(patched) as log:
+        sample_tiny(CASE, patched, 1)
     unpatched = apply_stack(model, stack((adapter(WATERFALL, zero_outputs=True), 1.0, True)))
-    base_log = record_blocks(unpatched)
-    sample_tiny(CASE, unpatched, 1)
+    with record_blocks(unpatched) as base_log:
+        sample_tiny(CASE, unpatched, 1)
     return log[0][2] - base_log[0][2]
 
 

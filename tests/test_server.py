@@ -73,7 +73,7 @@ def test_out_of_range_values_are_rejected_by_validation(server, field, value, re
 def test_unsupported_model_fails_with_a_message_naming_the_supported_families(server):
     workflow = tiny_workflow("dymos_wan21_i2v")
     workflow[node_of(workflow, "UNETLoader")]["inputs"]["unet_name"] = "hunyuan_video_t2v_720p_bf16.safetensors"
-    with pytest.raises(PromptFailed, match=r"DyMoSMotionSlider.*supports Wan 2\.1 / 2\.2 .* HunyuanVideo 1\.5"):
+    with pytest.raises(PromptFailed, match=r"DyMoSMotionSlider.*supports Wan 2\.1 / 2\.2.*HunyuanVideo 1\.5"):
         run_prompt(server, workflow)
 
 

@@ -62,6 +62,8 @@ MODELS = (
               "image_to_video_wan", "wan21_i2v", 1),
     TinyModel("diffusion_models", "wan2.1_t2v_1.3B_fp16.safetensors", "wan2.1", "t2v",
               "text_to_video_wan", "wan21_t2v", 2),
+    TinyModel("diffusion_models", "wan2.1_flf2v_720p_14B_fp16.safetensors", "wan2.1",
+              "first-last-frame to video (two CLIP-vision images)", "wan2.1_flf2v_720_f16", "wan21_flf2v", 11),
     TinyModel("diffusion_models", "wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors", "wan2.2",
               "i2v A14B high-noise expert", "video_wan2_2_14B_i2v", "wan22_i2v", 3),
     TinyModel("diffusion_models", "wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors", "wan2.2",
@@ -84,16 +86,19 @@ MODELS = (
 )
 
 
-def wan_keys(in_dim: int, out_dim: int, *, image_branch: bool = False, dim: int = WIDTH, ffn_dim: int = WAN_FFN,
-             layers: int = BLOCKS) -> dict:
+def wan_keys(in_dim: int, out_dim: int, *, image_branch: bool = False, image_positions: int = 0, dim: int = WIDTH,
+             ffn_dim: int = WAN_FFN, layers: int = BLOCKS) -> dict:
     """Wan 2.1 / 2.2: in_dim 16 (t2v), 36 (16 noise + 16 image latent + 4 mask) or 48 (TI2V 5B latent);
     ``image_branch``: the CLIP-vision projection of Wan 2.1 I2V (Wan 2.2 sees the image only through its input
-    channels). The benchmarks ask for larger ones (dim, ffn_dim, layers)."""
+    channels); ``image_positions``: FLF2V's position table over the CLIP tokens of its first and last frame.
+    The benchmarks ask for larger ones (dim, ffn_dim, layers)."""
     keys = {"head.modulation": (1, 2, dim), "head.head.weight": (out_dim * 4, dim),
             "patch_embedding.weight": (dim, in_dim, 1, 2, 2)}
     keys.update({f"blocks.{i}.ffn.0.weight": (ffn_dim, dim) for i in range(layers)})
     if image_branch:
         keys["img_emb.proj.0.bias"] = (1280,)
+    if image_positions:
+        keys["img_emb.emb_pos"] = (1, image_positions, 1280)
     return keys
 
 
@@ -146,12 +151,12 @@ def detected_diffusion_model(keys: dict):
     return config, config.get_model(state, "", device=torch.device("meta")).diffusion_model
 
 
-def diffusion_state_dict(keys: dict, seed: int, dtype) -> dict:
+def diffusion_state_dict(keys: dict, seed: int, dtype, unit_biases: tuple[str, ...] = ()) -> dict:
     """A full random state dict of the model the host detects from ``keys``, checked to detect the same again."""
     import comfy.model_detection
 
     config, module = detected_diffusion_model(keys)
-    state = random_state_dict(module, seed, dtype)
+    state = random_state_dict(module, seed, dtype, unit_biases)
     again = comfy.model_detection.model_config_from_unet({k: v.to("meta") for k, v in state.items()}, "")
     if type(again) is not type(config) or again.unet_config != config.unet_config:
         raise RuntimeError(f"the generated file detects as {type(again).__name__}, not {type(config).__name__}")
@@ -170,6 +175,7 @@ def _wan21_vae():
 DIFFUSION_KEYS = {
     "wan21_i2v": lambda: wan_keys(36, 16, image_branch=True),
     "wan21_t2v": lambda: wan_keys(16, 16),
+    "wan21_flf2v": lambda: wan_keys(36, 16, image_branch=True, image_positions=2 * 257),
     "wan22_i2v": lambda: wan_keys(36, 16),
     "wan22_ti2v": lambda: wan_keys(48, 48),
     "hunyuan15_i2v": hunyuan15_i2v_keys,
@@ -179,10 +185,15 @@ DIFFUSION_KEYS = {
 VAES = {"wan21_vae": _wan21_vae}
 
 
+# CogVideoX gates its attention and feed-forward outputs by a linear map of the time embedding with no other term,
+# so with small random weights the blocks would add almost nothing to the stream.
+UNIT_BIASES = {"cogvideox_i2v": ("norm1.linear", "norm2.linear")}
+
+
 def model_state_dict(build: str, seed: int, dtype) -> dict:
     if build in VAES:
         return random_state_dict(VAES[build](), seed, dtype)
-    return diffusion_state_dict(DIFFUSION_KEYS[build](), seed, dtype)
+    return diffusion_state_dict(DIFFUSION_KEYS[build](), seed, dtype, UNIT_BIASES.get(build, ()))
 
 
 def storage_dtype(file_name: str):
@@ -191,17 +202,24 @@ def storage_dtype(file_name: str):
     return torch.bfloat16 if "_bf16" in file_name else torch.float16
 
 
-def random_state_dict(module, seed: int, dtype) -> dict:
-    """Norm scales at one, biases at zero, every other weight N(0, INIT_STD), drawn in a fixed order."""
+def random_state_dict(module, seed: int, dtype, unit_biases: tuple[str, ...] = ()) -> dict:
+    """Norm scales at one, biases at zero, every other weight N(0, INIT_STD), drawn in a fixed order.
+
+    Biases of modules whose name ends with one of ``unit_biases`` are N(0, 1) instead (from a generator of their
+    own, so the other weights stay as they are): a modulation whose gates would otherwise be near zero and hide
+    every attention behind them."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
+    bias_generator = torch.Generator().manual_seed(seed + 1000)
     state = {}
     for module_name, submodule in module.named_modules():
         is_norm = "norm" in type(submodule).__name__.lower()  # LayerNorm, RMSNorm, Wan's RMS_norm
         for param_name, param in submodule.named_parameters(recurse=False):
             if is_norm and param_name != "bias":
                 value = torch.ones(param.shape)
+            elif param_name == "bias" and module_name.endswith(unit_biases):
+                value = torch.randn(param.shape, generator=bias_generator)
             elif param_name == "bias":
                 value = torch.zeros(param.shape)
             else:

@@ -14,10 +14,11 @@ import comfy.clip_vision
 import torch
 
 CATEGORY = "Motion Dials/test fixture"
-FAMILIES = ["wan", "hunyuan_video_1.5"]
+FAMILIES = ["wan", "hunyuan_video_1.5", "cogvideox"]
 
-# Hidden width of each family's text encoder: umt5-xxl for Wan, Qwen2.5-VL 7B for HunyuanVideo 1.5.
-TEXT_WIDTH = {"wan": 4096, "hunyuan_video_1.5": 3584}
+# Hidden width of each family's text encoder: umt5-xxl for Wan, Qwen2.5-VL 7B for HunyuanVideo 1.5, T5-XXL for
+# CogVideoX.
+TEXT_WIDTH = {"wan": 4096, "hunyuan_video_1.5": 3584, "cogvideox": 4096}
 # HunyuanVideo 1.5 also encodes quoted text (what should be written in the video) with ByT5-small,
 # one token per UTF-8 byte plus an end token, into the conditioning key "conditioning_byt5small".
 BYT5_WIDTH = 1472
@@ -27,6 +28,7 @@ QUOTED_TEXT = re.compile(r"\"(.*?)\"|‘(.*?)’|“(.*?)”")
 # Wan 2.1: clip_vision_h, ViT-H/14 at 224 px: 16 x 16 patches + a class token.
 # HunyuanVideo 1.5: sigclip_vision_patch14_384, SigLIP at 384 px: 27 x 27 patches, no class token.
 VISION_SHAPE = {"wan": (257, 1280, 1024), "hunyuan_video_1.5": (729, 1152, 1152)}
+VISION_FAMILIES = list(VISION_SHAPE)  # CogVideoX sees the image only as a latent
 
 
 def _generator(*parts: bytes | str | int) -> torch.Generator:
@@ -53,8 +55,8 @@ class MotionDialsTestConditioning:
     def INPUT_TYPES(cls):
         return {"required": {
             "family": (FAMILIES, {"tooltip": "Model family the conditioning is shaped for: wan (umt5-xxl, 4096 "
-                                             "wide) or hunyuan_video_1.5 (Qwen2.5-VL, 3584 wide, plus ByT5 for "
-                                             "quoted text)."}),
+                                             "wide), hunyuan_video_1.5 (Qwen2.5-VL, 3584 wide, plus ByT5 for "
+                                             "quoted text) or cogvideox (T5-XXL, 4096 wide)."}),
             "text": ("STRING", {"multiline": True, "default": "",
                                 "tooltip": "The prompt. Hashed into the random seed, so different prompts give "
                                            "different conditioning; quoted parts add ByT5 tokens for "
@@ -85,7 +87,7 @@ class MotionDialsTestClipVision:
         return {"required": {
             "image": ("IMAGE", {"tooltip": "The image the real encoder would see; its pixels seed the output, one "
                                            "seed per image of the batch."}),
-            "family": (FAMILIES, {"tooltip": "wan: clip_vision_h output (257 x 1280 hidden states); "
+            "family": (VISION_FAMILIES, {"tooltip": "wan: clip_vision_h output (257 x 1280 hidden states); "
                                              "hunyuan_video_1.5: SigLIP 384 output (729 x 1152)."}),
         }}
 
