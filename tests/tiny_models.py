@@ -7,7 +7,7 @@ builds the model with whatever parameters that host's classes take. The weights 
 and saved as safetensors under the standard file name of ComfyUI's workflow templates, and the full file
 is checked to detect as the same model again. So ComfyUI's real loaders (UNETLoader, VAELoader) read them
 exactly as they read the released files, and each host gets files of its own model classes. Families a
-host does not have (CogVideoX before ComfyUI 0.4) are left out on that host.
+host does not have (CogVideoX on ComfyUI 0.3.75) are left out on that host.
 
 What cannot shrink: layers whose widths are fixed by the encoders feeding them (umt5 4096, CLIP-H
 1280, Qwen2.5-VL 3584, SigLIP 1152), so the I2V files are larger than the T2V ones. HunyuanVideo
@@ -75,7 +75,7 @@ MODELS = (
     # No template loads a motion fine-tune; this stands in for EDG's theta_sft in workflows/edg_wan21_i2v.
     TinyModel("diffusion_models", "wan2.1_i2v_480p_14B_motion_finetune_fp16.safetensors", "wan2.1",
               "i2v motion fine-tune (EDG's theta_sft)", "", "wan21_i2v", 9),
-    # The fourth model of the DyMoS paper; in ComfyUI since after 0.3.75. No template loads it.
+    # The fourth model of the DyMoS paper; in ComfyUI 0.33.0, not in 0.3.75. No template loads it.
     TinyModel("diffusion_models", "cogvideox_5b_i2v_bf16.safetensors", "cogvideox", "i2v (1.0, 5B layout)", "",
               "cogvideox_i2v", 10, needs="comfy.ldm.cogvideo"),
     # A video family Motion Dials does not support, for the clear-error tests.

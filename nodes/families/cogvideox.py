@@ -1,4 +1,4 @@
-"""CogVideoX (ComfyUI 0.4 and later): ``CogVideoXTransformer3DModel`` under a ``CogVideoX`` model.
+"""CogVideoX (in ComfyUI 0.33.0; not in 0.3.75): ``CogVideoXTransformer3DModel`` under a ``CogVideoX`` model.
 
 Its blocks take the video stream and the text stream separately, normalise both, and run one joint attention
 over them with shared projections. ComfyUI gives these blocks no block replacement and no block index; the core
