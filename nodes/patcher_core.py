@@ -165,12 +165,6 @@ class ForwardState:
             threshold = self._percent_sigmas[percent] = float(self.model_sampling.percent_to_sigma(percent))
         return sigma_before(self.sigma, threshold)
 
-    def attend(self, func: Callable) -> Callable:
-        """The attention function the effects call: the other override if there is one, else ComfyUI's own."""
-        if self.previous_override is None:
-            return func
-        return functools.partial(self.previous_override, func)
-
     def classify(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, skip_reshape: bool
                  ) -> AttentionContext | None:
         """Name the attention call inside the running block (the family says what it is), or None."""
@@ -186,8 +180,14 @@ class ForwardState:
         return AttentionContext(self.family, run.index, run.block_type, kind, layout, self)
 
 
+def _through(override: Callable | None, func: Callable) -> Callable:
+    """The attention function ``func`` as another node's override would run it (``func`` itself if none)."""
+    return func if override is None else functools.partial(override, func)
+
+
 class MotionDialsPatch:
-    """The effects on one patched model. Immutable: adding an effect makes a new patch."""
+    """The effects on one patched model. Its effects never change: adding one makes a new patch (only the set of
+    overrides already logged grows)."""
 
     def __init__(self, family: ModelFamily, effects: tuple[MotionEffect, ...], previous_override: Callable | None):
         self.family = family
@@ -311,11 +311,10 @@ def _attention_override(func, *args, **kwargs):
         return func(*args, **kwargs)
     # No effect acts in this call, or an override placed after ours called back into it: pass the call on.
     if state is None or state.inside_override:
-        attend = func if patch.previous_override is None else functools.partial(patch.previous_override, func)
-        return attend(*args, **kwargs)
+        return _through(patch.previous_override, func)(*args, **kwargs)
     state.inside_override = True
     try:
-        return _effects_attention(state, state.attend(func), *args, **kwargs)
+        return _effects_attention(state, _through(state.previous_override, func), *args, **kwargs)
     finally:
         state.inside_override = False
 
