@@ -1,9 +1,10 @@
-// DyMoS Motion Slider: say in words what the strength slider does, under the node's widgets.
+// DyMoS Motion Slider: say in words what the strength slider does, under the node's widgets. The hint is a DOM
+// widget (node_widgets.js), so both the classic canvas and Nodes 2.0 show it; it follows every change of
+// strength and tau, whether made on the node, in a loaded workflow or by a script that calls the widget's callback.
 import { app } from "../../scripts/app.js";
+import { addTextWidget, fitNode } from "./node_widgets.js";
 
-const HINT_HEIGHT = 18;
-
-function describe(strength, tau) {
+export function describe(strength, tau) {
     if (strength === 0 || tau === 0) return "off: the model is left untouched";
     const direction = strength > 0 ? "more motion" : "more static";
     return `${direction}, first ${Math.round(tau * 100)} % of denoising`;
@@ -14,25 +15,26 @@ app.registerExtension({
     nodeCreated(node) {
         if (node.comfyClass !== "DyMoSMotionSlider") return;
         const widget = (name) => node.widgets?.find((w) => w.name === name);
-        const drawForeground = node.onDrawForeground;
-        node.onDrawForeground = function (ctx) {
-            drawForeground?.apply(this, arguments);
-            if (this.flags?.collapsed) return;
-            const strength = widget("strength")?.value ?? 0;
-            const tau = widget("tau")?.value ?? 0;
-            ctx.save();
-            ctx.font = "12px sans-serif";
-            ctx.fillStyle = "#9ab";
-            ctx.textAlign = "left";
-            ctx.fillText(describe(strength, tau), 10, this.size[1] - 6);
-            ctx.restore();
+        const hint = addTextWidget(node, "dymos_hint");
+        hint.element.classList.add("motion-dials-dymos-hint");
+        const update = () => hint.setLines([describe(widget("strength")?.value ?? 0, widget("tau")?.value ?? 0)]);
+        for (const name of ["strength", "tau"]) {
+            const input = widget(name);
+            if (!input) continue;
+            const callback = input.callback;
+            input.callback = function () {
+                const result = callback?.apply(this, arguments);
+                update();
+                return result;
+            };
+        }
+        const onConfigure = node.onConfigure;
+        node.onConfigure = function () {
+            const result = onConfigure?.apply(this, arguments);
+            update(); // the loaded values
+            return result;
         };
-        // Room for the hint below the last widget, whatever size the frontend computes.
-        const computeSize = node.computeSize;
-        node.computeSize = function () {
-            const size = computeSize.apply(this, arguments);
-            return [size[0], size[1] + HINT_HEIGHT];
-        };
-        node.setSize(node.computeSize());
+        update();
+        fitNode(node);
     },
 });
