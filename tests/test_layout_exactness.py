@@ -21,8 +21,8 @@ import node_helpers
 import pytest
 import torch
 from sampling import CASES, conditioning, load_tiny
+from test_dymos_exactness import reference_attention
 
-from motion_dials.models.dymos import frame_weight
 from motion_dials.nodes.dymos import DyMoSEffect, DyMoSMotionSlider
 from motion_dials.nodes.patcher_core import AttentionKind, MotionEffect, apply_effect
 
@@ -121,23 +121,14 @@ class HostLayout:
 
 def dense_dymos(q, k, v, heads, *, mask, skip_reshape, skip_output_reshape, video_start, grid, strength, schedule,
                 reference_frames):
-    """The definition in float64: logits, the bias on [frames >= reference] x [reference frames], mask, softmax.
-    In and out in ComfyUI's attention layouts ([B, N, H*D], or [B, H, N, D] with skip_reshape / skip_output_reshape).
-    """
+    """The definition (tests/test_dymos_exactness.py's reference_attention, float64) in and out in ComfyUI's
+    attention layouts: [B, N, H*D], or [B, H, N, D] with skip_reshape / skip_output_reshape."""
     if not skip_reshape:
         q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
     frames, height, width = grid
-    per_frame = height * width
-    logits = q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
-    bias = torch.zeros(q.shape[2], k.shape[2], dtype=torch.float64)
-    reference = slice(video_start, video_start + reference_frames * per_frame)
-    for frame in range(reference_frames, frames):
-        rows = slice(video_start + frame * per_frame, video_start + (frame + 1) * per_frame)
-        bias[rows, reference] = -strength * frame_weight(schedule, frame, frames)
-    logits = logits + bias
-    if mask is not None:
-        logits = logits + mask.double()
-    out = (logits.softmax(-1) @ v.double()).to(q.dtype)
+    out = reference_attention(q, k, v, heads, video_start=video_start, frames=frames, tokens_per_frame=height * width,
+                              ref_frames=reference_frames, strength=strength, schedule=schedule,
+                              text_mask=mask).to(q.dtype)
     return out if skip_output_reshape else out.transpose(1, 2).flatten(2)
 
 

@@ -183,3 +183,30 @@ class ModelFamily:
             f"(ComfyUI {comfyui_version.__version__}; latent grid {tuple(forward.latent_grid)}.) Remove the Motion "
             "Dials node for this model, and please report it with your ComfyUI version."
         )
+
+
+class JointFamily(ModelFamily):
+    """An MM-DiT family: each block runs one joint attention over its video stream and its text stream. The order
+    of the two in that call is found on the first block of each model call (``locate_stream``), never assumed."""
+
+    def stream_offset_known(self, forward) -> bool:
+        return (self.name, "stream offset") in forward.memo
+
+    def locate_stream(self, forward, run: BlockRun, v, skip_reshape: bool) -> int:
+        """Where the block's stream starts in the joint attention (0 or after the text), from the block's probes."""
+        raise NotImplementedError
+
+    def attention_layout(self, forward, run, call_index, q, k, v, skip_reshape):
+        q_len, k_len = sequence_length(q, skip_reshape), sequence_length(k, skip_reshape)
+        stream_tokens = run.stream.shape[1]
+        if call_index != 0 or q_len != k_len or q_len != stream_tokens + run.text_tokens:
+            raise self.mismatch(forward, f"attention call {call_index} of block {run.index} has {q_len} queries "
+                                f"and {k_len} keys, not the {stream_tokens} stream and {run.text_tokens} text tokens")
+        key = (self.name, "stream offset")
+        if key not in forward.memo:
+            forward.memo[key] = self.locate_stream(forward, run, v, skip_reshape)
+        return AttentionKind.JOINT, self.layout(forward, run, q_len, k_len, forward.memo[key] + run.video_start)
+
+    def add_to_stream(self, output, residual):
+        stream, text = output
+        return stream + residual, text

@@ -13,12 +13,10 @@ import math
 
 import comfy.model_base
 
-from .base import AttentionKind, BlockRun, ModelFamily, locate_rows, sequence_length
-
-STREAM_OFFSET = "cogvideox video stream offset"
+from .base import BlockRun, JointFamily, locate_rows
 
 
-class CogVideoXFamily(ModelFamily):
+class CogVideoXFamily(JointFamily):
     name = "CogVideoX"
     needs_module = "comfy.ldm.cogvideo"
 
@@ -45,7 +43,7 @@ class CogVideoXFamily(ModelFamily):
             raise self.mismatch(forward, f"the video stream has {video.shape[1]} tokens, not the latent's "
                                 f"{math.prod(forward.token_grid)}")
         run = BlockRun(block_type, index, module, kwargs, video, 0, text_tokens=text.shape[1])
-        if STREAM_OFFSET not in forward.memo:
+        if not self.stream_offset_known(forward):
             def keep_normalised(_module, _inputs, output):
                 run.probe["video"] = output[0]
 
@@ -56,21 +54,9 @@ class CogVideoXFamily(ModelFamily):
                                 module.v.register_forward_pre_hook(keep_joint)]
         return run
 
-    def attention_layout(self, forward, run, call_index, q, k, v, skip_reshape):
-        q_len, k_len = sequence_length(q, skip_reshape), sequence_length(k, skip_reshape)
-        video_tokens = run.stream.shape[1]
-        if call_index != 0 or q_len != k_len or q_len != video_tokens + run.text_tokens:
-            raise self.mismatch(forward, f"attention call {call_index} of block {run.index} has {q_len} queries "
-                                f"and {k_len} keys, not the {video_tokens} video and {run.text_tokens} text tokens")
-        if STREAM_OFFSET not in forward.memo:
-            forward.memo[STREAM_OFFSET] = locate_rows(run.probe.pop("joint"), run.probe.pop("video"),
-                                                      (0, run.text_tokens), "the video stream of CogVideoX's "
-                                                      "joint attention")
-        return AttentionKind.JOINT, self.layout(forward, run, q_len, k_len, forward.memo[STREAM_OFFSET])
-
-    def add_to_stream(self, output, residual):
-        video, text = output
-        return video + residual, text
+    def locate_stream(self, forward, run, v, skip_reshape):
+        return locate_rows(run.probe.pop("joint"), run.probe.pop("video"), (0, run.text_tokens),
+                           "the video stream of CogVideoX's joint attention")
 
 
 COGVIDEOX = CogVideoXFamily()

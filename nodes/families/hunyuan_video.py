@@ -13,12 +13,10 @@ import math
 
 import comfy.model_base
 
-from .base import AttentionKind, BlockRun, ModelFamily, as_rows, locate_rows, patch_tokens, sequence_length
-
-STREAM_OFFSET = "hunyuan image stream offset"
+from .base import BlockRun, JointFamily, as_rows, locate_rows, patch_tokens
 
 
-class HunyuanVideo15Family(ModelFamily):
+class HunyuanVideo15Family(JointFamily):
     name = "HunyuanVideo 1.5"
 
     def claims(self, base_model) -> bool:
@@ -46,30 +44,18 @@ class HunyuanVideo15Family(ModelFamily):
             raise self.mismatch(forward, f"the image stream has {image.shape[1]} tokens, not the {reference} "
                                 f"reference and {video} video tokens of the latent")
         run = BlockRun(block_type, index, module, kwargs, image, reference, text_tokens=text.shape[1])
-        if STREAM_OFFSET not in forward.memo:
+        if not self.stream_offset_known(forward):
             def keep(_module, _inputs, output):
                 run.probe["image qkv"] = output
             run.probe_hooks.append(module.img_attn.qkv.register_forward_hook(keep))
         return run
 
-    def attention_layout(self, forward, run, call_index, q, k, v, skip_reshape):
-        q_len, k_len = sequence_length(q, skip_reshape), sequence_length(k, skip_reshape)
-        image_tokens = run.stream.shape[1]
-        if call_index != 0 or q_len != k_len or q_len != image_tokens + run.text_tokens:
-            raise self.mismatch(forward, f"attention call {call_index} of block {run.index} has {q_len} queries "
-                                f"and {k_len} keys, not the {image_tokens} image and {run.text_tokens} text tokens")
-        if STREAM_OFFSET not in forward.memo:
-            # The joint values hold the image stream's values as the third of its qkv projection, per head.
-            values = as_rows(v, skip_reshape).flatten(2)
-            image_values = run.probe.pop("image qkv").unflatten(-1, (3, -1))[:, :, 2]
-            forward.memo[STREAM_OFFSET] = locate_rows(values, image_values, (0, run.text_tokens),
-                                                      "the image stream of HunyuanVideo's joint attention")
-        return AttentionKind.JOINT, self.layout(forward, run, q_len, k_len,
-                                                forward.memo[STREAM_OFFSET] + run.video_start)
-
-    def add_to_stream(self, output, residual):
-        image, text = output
-        return image + residual, text
+    def locate_stream(self, forward, run, v, skip_reshape):
+        # The joint values hold the image stream's values as the third of its qkv projection, per head.
+        values = as_rows(v, skip_reshape).flatten(2)
+        image_values = run.probe.pop("image qkv").unflatten(-1, (3, -1))[:, :, 2]
+        return locate_rows(values, image_values, (0, run.text_tokens),
+                           "the image stream of HunyuanVideo's joint attention")
 
 
 HUNYUAN_VIDEO_15 = HunyuanVideo15Family()
