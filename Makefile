@@ -78,9 +78,9 @@ $(abspath $(COMFYUI_PATH))/main.py:
 endif
 
 # The host's requirements as it lists them (0.33.0 brings torchaudio, which installs beside the pinned torch);
-# the pins keep torch and torchvision where they are.
+# the pins keep torch and torchvision where they are. ComfyUI 0.3.75 imports requests without listing it.
 $(VENV)/.host: $(VENV)/.torch $(COMFY)/main.py
-	$(PIP) install --quiet -c $(VENV)/torch-pins.txt -r "$(COMFY)/requirements.txt"
+	$(PIP) install --quiet -c $(VENV)/torch-pins.txt -r "$(COMFY)/requirements.txt" requests
 	ln -sfn "$(CURDIR)" "$(COMFY)/custom_nodes/motion-dials"
 	echo "$(COMFY)" > $(VENV)/comfyui-path
 	touch $@
