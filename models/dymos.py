@@ -1,4 +1,5 @@
-"""DyMoS, the dynamic motion slider (REFERENCE section 1), as plain torch.
+"""DyMoS, the dynamic motion slider, as plain torch (the DyMoS paper, "Rebalancing Reference Frame Dominance
+to Improve Motion in Image-to-Video Models").
 
 For a query in latent frame ``f >= ref_frames`` and a key in the reference
 frames, the attention logit gets ``- strength * g(f)``. Everything else is
@@ -17,7 +18,7 @@ SCHEDULES = ("uniform", "linear", "log")
 
 
 def frame_weight(schedule: str, frame: int, num_frames: int) -> float:
-    """g(f), the frame-wise schedule (reconstructed in REFERENCE section 1).
+    """g(f), the frame-wise schedule (reconstructed: the paper's text lost the equation).
 
     uniform: 1; linear: f / (F - 1); log: ln(1 + f) / ln(F).
     """

@@ -1,4 +1,4 @@
-"""MIVA's inference-time tricks for image-to-video on a text-to-video base, as plain torch (REFERENCE §3).
+"""MIVA's inference-time tricks for image-to-video on a text-to-video base, as plain torch (the MIVA paper).
 
 Video latents are ``[B, C, F, H, W]`` with the image in frame 0. Before sampling: LAMP's shared noise and
 Cinemo's DCTInit build the initial noise; after sampling: AdaIN pulls every frame's statistics to frame 0's.

@@ -1,4 +1,4 @@
-"""M-MIVA's subject-mask attention bias (REFERENCE section 3) as query groups for ``models/attention.py``.
+"""M-MIVA's subject-mask attention bias (the MIVA paper) as query groups for ``models/attention.py``.
 
 Tokens p and q with subject scores m_p, m_q in [0, 1] agree by ``M = m_p m_q + (1 - m_p)(1 - m_q)``, and their
 logit gets ``clamp(log(M + 1e-4), -20, 0)``: 0 inside one region, log(1e-4) = -9.2 across regions. A query's bias

@@ -1,4 +1,5 @@
-"""EDG's weight merges (REFERENCE section 2) as plain torch, one tensor at a time, in place.
+"""EDG's weight merges as plain torch, one tensor at a time, in place (the EDG paper, "Extrapolating and
+Decoupling Image-to-Video Generation Models", CVPR 2025, and its code).
 
 Each merge writes its result into the buffer of its first model's tensor (the
 fp32 copy ComfyUI makes when it patches a weight) and only reads the others,

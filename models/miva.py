@@ -1,4 +1,4 @@
-"""MIVA motion adapters (REFERENCE section 3) as plain torch: the file format, the authors' layout, the math.
+"""MIVA motion adapters (the MIVA paper) as plain torch: the file format, the authors' layout, the math.
 
 The file format (`motion-dials/miva`, version 1) is safetensors with string metadata:
 
@@ -253,7 +253,7 @@ def save_adapter(path: str | Path, info: AdapterInfo, tensors: dict[str, torch.T
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=info.to_metadata())
 
 
-# The authors' training outputs: plain state dicts of the trainable modules, as named in REFERENCE section 3.
+# The authors' training outputs: plain state dicts of the trainable modules, as the authors' published code names them.
 # Per block i, our name <- theirs (after any "model." / "diffusion_model." / "module." prefix):
 AUTHORS_NAMES = {
     "cfa.q.down": "blocks.{i}.self_attn.i2v_adapter.q.down.weight",

@@ -1,4 +1,4 @@
-"""Subject masks for M-MIVA (REFERENCE section 3): GroundingDINO finds boxes for a text prompt, SAM 2 segments them.
+"""Subject masks for M-MIVA (the MIVA paper): GroundingDINO finds boxes for a text prompt, SAM 2 segments them.
 
 Plain torch plus the PyPI packages ``groundingdino-py`` and ``sam2`` (both optional: ``requirements-segmentation.txt``).
 Nothing here downloads anything and nothing here runs code from a model file:

@@ -1,4 +1,7 @@
-"""DyMoS Motion Slider: one scalar from static to dynamic (REFERENCE section 1)."""
+"""DyMoS Motion Slider: one scalar from static to dynamic.
+
+From the DyMoS paper, "Rebalancing Reference Frame Dominance to Improve Motion in Image-to-Video Models".
+"""
 
 from __future__ import annotations
 

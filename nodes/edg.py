@@ -1,4 +1,7 @@
-"""EDG (REFERENCE section 2): the dynamic / consistency merge, its building blocks, and the timestep switch."""
+"""EDG: the dynamic / consistency merge, its building blocks, and the timestep switch.
+
+From the EDG paper, "Extrapolating and Decoupling Image-to-Video Generation Models" (CVPR 2025), and its code.
+"""
 
 from __future__ import annotations
 

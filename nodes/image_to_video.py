@@ -1,4 +1,4 @@
-"""MIVA's image-to-video on a text-to-video base (REFERENCE §3): the image as latent frame 0, the initial noise,
+"""MIVA's image-to-video on a text-to-video base (the MIVA paper): the image as latent frame 0, the initial noise,
 AdaIN after sampling.
 
 The image is held by a noise mask, not by the model: every sampler then re-noises latent frame 0 from the image

@@ -1,4 +1,4 @@
-"""MIVA motion adapters: load, stack with weights, apply to a Wan model through the patcher core (REFERENCE §3).
+"""MIVA motion adapters: load, stack with weights, apply to a Wan model through the patcher core (the MIVA paper).
 
 Adapters live in ComfyUI's ``models/miva/`` folder (``extra_model_paths.yaml`` may add others under the
 key ``miva``). A stack is an ordered tuple of rows (adapter, weight, on/off); the order is the one M-MIVA's
@@ -140,7 +140,7 @@ def check_fits(adapter: Adapter, model) -> None:
 
 def token_scores(mask: torch.Tensor, height: int, width: int, device) -> torch.Tensor:
     """A subject mask [H, W] as scores on a frame's token grid, [height * width]: centre-cropped to the grid's
-    aspect like the start image (MIVA Image To Video Latent), then resized bilinearly (REFERENCE section 3)."""
+    aspect like the start image (MIVA Image To Video Latent), then resized bilinearly (the MIVA paper)."""
     resized = comfy.utils.common_upscale(mask[None, None].float(), width, height, "bilinear", "center")
     return resized.flatten().clamp(0.0, 1.0).to(device)
 

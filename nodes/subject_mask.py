@@ -1,4 +1,4 @@
-"""M-MIVA subject masks: GroundingDINO finds the subject named by a text prompt, SAM 2 segments it (REFERENCE §3).
+"""M-MIVA subject masks: GroundingDINO finds the subject named by a text prompt, SAM 2 segments it (the MIVA paper).
 
 Model files, found through ComfyUI's folder registry (``extra_model_paths.yaml`` may add folders under the same keys):
 
