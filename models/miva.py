@@ -253,7 +253,7 @@ def save_adapter(path: str | Path, info: AdapterInfo, tensors: dict[str, torch.T
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=info.to_metadata())
 
 
-# The authors' training outputs: plain state dicts of the trainable modules, as the authors' published code names them.
+# The authors' training outputs: plain state dicts of the trainable modules, named as this pack read the MIVA paper.
 # Per block i, our name <- theirs (after any "model." / "diffusion_model." / "module." prefix):
 AUTHORS_NAMES = {
     "cfa.q.down": "blocks.{i}.self_attn.i2v_adapter.q.down.weight",
