@@ -13,7 +13,9 @@ Nothing here downloads anything and nothing here runs code from a model file:
   when the GroundingDINO checkpoint does not carry BERT's own, which the official ones do), loaded by transformers
   with ``local_files_only``.
 - SAM 2 / SAM 2.1 configs are the YAML files shipped in the ``sam2`` package (tiny, small, base-plus, large), chosen by
-  the weights' file name, or a ``.yaml`` next to the weights; every ``_target_`` in one must be a ``sam2.`` class.
+  the weights' file name, or a ``.yaml`` next to the weights. A config is data: read as plain YAML (no interpolation),
+  and built by this module from only the classes the package's configs name, each given only arguments it takes
+  (Hydra's ``instantiate`` imports what a ``_target_`` names and calls it, ``sam2.build_sam.torch.load`` included).
 
 The package's own BERT wrapper calls ``BertModel`` methods that transformers 5 removed; ``TextEncoder`` takes its
 place with the same submodules (so the checkpoints' ``bert.*`` keys load) and the same per-phrase attention mask.
@@ -23,7 +25,9 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import inspect
 import math
+import re
 import threading
 import warnings
 from collections.abc import Iterator
@@ -33,6 +37,7 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from .checkpoint import read_tensors
 
@@ -388,43 +393,163 @@ def sam2_config_path(weights: str | Path) -> Path:
     return package_config_dir("sam2") / "configs" / version / f"{version}_hiera_{size}.yaml"
 
 
-def _check_targets(node, path: Path) -> None:
-    from omegaconf import DictConfig, ListConfig
+def sam2_classes() -> dict[str, type]:
+    """The classes a SAM 2 config may build, under the exact names the package's inference configs
+    (``configs/sam2``, ``configs/sam2.1``) give them. A ``_target_`` is looked up here, never imported."""
+    from sam2.modeling.backbones.hieradet import Hiera
+    from sam2.modeling.backbones.image_encoder import FpnNeck, ImageEncoder
+    from sam2.modeling.memory_attention import MemoryAttention, MemoryAttentionLayer
+    from sam2.modeling.memory_encoder import CXBlock, Fuser, MaskDownSampler, MemoryEncoder
+    from sam2.modeling.position_encoding import PositionEmbeddingSine
+    from sam2.modeling.sam.transformer import RoPEAttention
+    from sam2.modeling.sam2_base import SAM2Base
 
-    if isinstance(node, DictConfig):
-        for key, value in node.items_ex(resolve=False):
-            if key == "_target_" and not str(value).startswith("sam2."):
-                raise ModelFileError(f"SAM 2 config {path.name} names {value!r}: only sam2 classes are built.")
-            _check_targets(value, path)
-    elif isinstance(node, ListConfig):
-        for value in node:
-            _check_targets(value, path)
+    return {
+        "sam2.modeling.sam2_base.SAM2Base": SAM2Base,
+        "sam2.modeling.backbones.image_encoder.ImageEncoder": ImageEncoder,
+        "sam2.modeling.backbones.hieradet.Hiera": Hiera,
+        "sam2.modeling.backbones.image_encoder.FpnNeck": FpnNeck,
+        "sam2.modeling.position_encoding.PositionEmbeddingSine": PositionEmbeddingSine,
+        "sam2.modeling.memory_attention.MemoryAttention": MemoryAttention,
+        "sam2.modeling.memory_attention.MemoryAttentionLayer": MemoryAttentionLayer,
+        "sam2.modeling.sam.transformer.RoPEAttention": RoPEAttention,
+        "sam2.modeling.memory_encoder.MemoryEncoder": MemoryEncoder,
+        "sam2.modeling.memory_encoder.MaskDownSampler": MaskDownSampler,
+        "sam2.modeling.memory_encoder.Fuser": Fuser,
+        "sam2.modeling.memory_encoder.CXBlock": CXBlock,
+    }
+
+
+SAM2_MODEL_CLASS = "sam2.modeling.sam2_base.SAM2Base"
+# Hiera torch.loads the file its weights_path names; the pack reads the weights itself, as tensors only.
+SAM2_REFUSED_ARGUMENTS = {"sam2.modeling.backbones.hieradet.Hiera": ("weights_path",)}
+_PLAIN_VALUES = (str, int, float, bool, type(None))
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader (plain data, no tags that build objects) that reads ``1e-6`` as a number, as OmegaConf
+    does: the package's configs write CXBlock's ``layer_scale_init_value`` so, and YAML 1.1 reads it as text."""
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
+def _key_path(keys: str, key) -> str:
+    return f"{keys}.{key}" if keys else str(key)
+
+
+def _sam2_refusal(path: Path, keys: str, problem: str, classes: dict) -> ModelFileError:
+    names = ", ".join(name.rsplit(".", 1)[1] for name in classes)
+    return ModelFileError(
+        f"SAM 2 config {path.name}, {keys}: {problem}. A SAM 2 config is read as data: use the sam2 package's "
+        f"config for these weights (take {path.name} away from beside them), or a config that builds only the sam2 "
+        f"classes the package's configs name ({names}), with arguments they take and plain values."
+    )
+
+
+def _arguments(cls) -> tuple[set[str], set[str]]:
+    """The keyword arguments ``cls`` takes and those it needs. ``**kwargs`` are followed into the base classes'
+    ``__init__`` (RoPEAttention hands its own to Attention's); nothing else reaches a ``**kwargs``."""
+    accepted, required = set(), set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = list(inspect.signature(klass.__init__).parameters.values())[1:]  # without self
+        named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        accepted.update(p.name for p in named)
+        required.update(p.name for p in named if p.default is p.empty)
+        if all(p.kind is not p.VAR_KEYWORD for p in parameters):
+            break
+    return accepted, required
+
+
+def _check_sam2_config(node, keys: str, path: Path, classes: dict, seen: set) -> None:
+    """Refuses anything in the parsed YAML but plain values and the allowed classes with arguments they take."""
+    def refuse(where, problem):
+        return _sam2_refusal(path, where, problem, classes)
+
+    if isinstance(node, list | dict):
+        if id(node) in seen:  # walking every use of an alias of an alias ... grows exponentially
+            raise refuse(keys, "a YAML alias (*name) repeats a part of the file, which the package's configs never do")
+        seen.add(id(node))
+    if isinstance(node, list):
+        for index, item in enumerate(node):
+            _check_sam2_config(item, f"{keys}[{index}]", path, classes, seen)
+        return
+    if not isinstance(node, dict):
+        if type(node) not in _PLAIN_VALUES:
+            raise refuse(keys, f"a {type(node).__name__} value is not read (only text, numbers, true/false, null, "
+                               "lists and mappings)")
+        if isinstance(node, str) and "${" in node:
+            raise refuse(keys, f"{node!r}: ${{...}} interpolations and resolvers are not read; write the value")
+        return
+    name = node.get("_target_")
+    if "_target_" in node and (not isinstance(name, str) or name not in classes):
+        raise refuse(_key_path(keys, "_target_"), f"{name!r} is not one of the classes a SAM 2 config may build")
+    for key in node:
+        where = _key_path(keys, key)
+        if not isinstance(key, str) or "${" in key:
+            raise refuse(where, f"the key {key!r} is not a plain name")
+        if key != "_target_" and key.startswith("_") and key.endswith("_"):
+            raise refuse(where, f"{key} is a Hydra instruction, which is not followed; only _target_ is read")
+    if "_target_" in node:
+        short = name.rsplit(".", 1)[1]
+        accepted, required = _arguments(classes[name])
+        for key in node:
+            if key != "_target_" and key not in accepted:
+                raise refuse(_key_path(keys, key), f"{short} takes no argument {key!r}")
+            if key in SAM2_REFUSED_ARGUMENTS.get(name, ()):
+                raise refuse(_key_path(keys, key), f"{short}'s {key} would read a file the config names")
+        missing = sorted(required - node.keys())
+        if missing:
+            raise refuse(keys, f"{short} needs {', '.join(missing)}, which the config does not give")
+    for key, value in node.items():
+        _check_sam2_config(value, _key_path(keys, key), path, classes, seen)
+
+
+def _build_sam2_node(node, keys: str, path: Path, classes: dict):
+    """A checked node built as Hydra's ``instantiate`` would: children first, in the file's order."""
+    if isinstance(node, list):
+        return [_build_sam2_node(item, f"{keys}[{index}]", path, classes) for index, item in enumerate(node)]
+    if not isinstance(node, dict):
+        return node
+    values = {key: _build_sam2_node(value, _key_path(keys, key), path, classes)
+              for key, value in node.items() if key != "_target_"}
+    if "_target_" not in node:
+        return values
+    cls = classes[node["_target_"]]
+    try:
+        return cls(**values)
+    except Exception as error:  # noqa: BLE001 - the package's code may fail on the config's values in any way
+        raise ModelFileError(f"SAM 2 cannot be built from config {path.name}: {keys} ({cls.__name__}): "
+                             f"{error!r}") from None
 
 
 def construct_sam2(config: str | Path):
-    """SAM 2 (``SAM2Base``) as its YAML config describes it, with the package's own initial weights."""
+    """SAM 2 (``SAM2Base``) as its YAML config describes it, with the package's own initial weights. The whole file
+    is checked before anything is built."""
     require_packages()
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
     config = Path(config)
     try:
-        settings = OmegaConf.load(config)
-    except Exception as error:  # noqa: BLE001 - any parse error is reported the same way
+        with config.open(encoding="utf-8") as stream:  # a parse error then names the file and the line
+            settings = yaml.load(stream, Loader=_ConfigLoader)
+    except Exception as error:  # noqa: BLE001 - any read or parse error is reported the same way
         raise ModelFileError(f"SAM 2 config {config.name} cannot be read ({error}).") from None
-    if "model" not in settings:
+    if not isinstance(settings, dict) or not isinstance(settings.get("model"), dict):
         raise ModelFileError(f"SAM 2 config {config.name} has no 'model' section.")
-    _check_targets(settings, config)
+    classes = sam2_classes()
+    _check_sam2_config(settings, "", config, classes, set())
+    if settings["model"].get("_target_") != SAM2_MODEL_CLASS:
+        raise _sam2_refusal(config, "model._target_", f"the model must be {SAM2_MODEL_CLASS}", classes)
     # as sam2.build_sam.build_sam2 does for image prediction: fall back to multi-mask output when one is unstable
-    settings.model.sam_mask_decoder_extra_args = {"dynamic_multimask_via_stability": True,
-                                                  "dynamic_multimask_stability_delta": 0.05,
-                                                  "dynamic_multimask_stability_thresh": 0.98}
-    OmegaConf.resolve(settings)
+    settings["model"]["sam_mask_decoder_extra_args"] = {"dynamic_multimask_via_stability": True,
+                                                        "dynamic_multimask_stability_delta": 0.05,
+                                                        "dynamic_multimask_stability_thresh": 0.98}
     with _BUILD_LOCK:
-        try:
-            model = instantiate(settings.model, _recursive_=True)
-        except Exception as error:  # noqa: BLE001 - Hydra wraps the cause in its own exception types
-            raise ModelFileError(f"SAM 2 cannot be built from config {config.name}: {error}") from None
+        model = _build_sam2_node(settings["model"], "model", config, classes)
     model.motion_dials_config = {"config": config.name}
     return model.eval().requires_grad_(False)
 
