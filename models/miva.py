@@ -149,21 +149,41 @@ def expected_shapes(info: AdapterInfo) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_tensors(info: AdapterInfo, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Raise AdapterFormatError unless ``tensors`` holds exactly the format's names, shapes and float types."""
-    shapes = expected_shapes(info)
-    missing = [name for name in shapes if name not in tensors]
+def tensors_per_block(info: AdapterInfo) -> int:
+    return 7 * (2 if info.mask_stream else 1) + (6 if info.prompt_rank else 0)
+
+
+def check_shapes(info: AdapterInfo, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Raise AdapterFormatError unless ``shapes`` (tensor name -> shape) are exactly the format's for ``info``.
+    The counts are compared first, so metadata that declares a billion blocks costs nothing."""
+    expected_count = info.blocks * tensors_per_block(info)
+    if expected_count != len(shapes):
+        raise AdapterFormatError(
+            f"{source}: its metadata declares {info.blocks} blocks ({expected_count} tensors), but the file holds "
+            f"{len(shapes)} tensors; the file is damaged or its metadata is wrong: convert it again."
+        )
+    expected = expected_shapes(info)
+    missing = [name for name in expected if name not in shapes]
     if missing:
         raise AdapterFormatError(f"{source} lacks {len(missing)} tensors its metadata calls for, first {missing[0]}.")
-    unexpected = [name for name in tensors if name not in shapes]
+    unexpected = [name for name in shapes if name not in expected]
     if unexpected:
         raise AdapterFormatError(f"{source} has tensors its metadata does not describe, first {unexpected[0]}.")
-    for name, shape in shapes.items():
-        tensor = tensors[name]
-        if tuple(tensor.shape) != shape:
-            raise AdapterFormatError(f"{source}: {name} has shape {tuple(tensor.shape)}, expected {shape}.")
+    for name, shape in expected.items():
+        if tuple(shapes[name]) != shape:
+            raise AdapterFormatError(f"{source}: {name} has shape {tuple(shapes[name])}, expected {shape}.")
+
+
+def check_tensors(info: AdapterInfo, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Raise AdapterFormatError unless ``tensors`` holds exactly the format's names and shapes, as finite
+    floating-point numbers."""
+    check_shapes(info, {name: tuple(tensor.shape) for name, tensor in tensors.items()}, source)
+    for name, tensor in tensors.items():
         if not tensor.is_floating_point():
             raise AdapterFormatError(f"{source}: {name} is {tensor.dtype}, expected a floating-point type.")
+        if not bool(torch.isfinite(tensor).all()):
+            raise AdapterFormatError(f"{source}: {name} holds NaN or infinite values; the file is damaged or came "
+                                     "from a training run that diverged. Use another adapter, or train it again.")
 
 
 @dataclass(frozen=True)
@@ -237,8 +257,9 @@ def load_adapter(path: str | Path, name: str | None = None) -> Adapter:
     source = name or Path(path).name
     try:
         with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata()
-            info = AdapterInfo.from_metadata(metadata, source)
+            info = AdapterInfo.from_metadata(handle.metadata(), source)
+            # sizes from the header only, so nothing is read before the file is known to fit its metadata
+            check_shapes(info, {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}, source)
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError) as error:
         raise AdapterFormatError(
@@ -288,7 +309,10 @@ def convert_authors_layout(state: dict[str, torch.Tensor], *, base: str, motion:
     block_numbers = {int(m.group(1)) for key in state if (m := re.match(r"blocks\.(\d+)\.", key))}
     if not block_numbers:
         raise AdapterFormatError(f"{source} has no 'blocks.<i>.' tensors: it is not a MIVA training output for a DiT.")
-    blocks = max(block_numbers) + 1
+    blocks = len(block_numbers)
+    if block_numbers != set(range(blocks)):
+        raise AdapterFormatError(f"{source} numbers its blocks {min(block_numbers)} to {max(block_numbers)} with "
+                                 f"gaps ({blocks} blocks): it is not a complete MIVA training output.")
     first_q_down = state.get(AUTHORS_NAMES["cfa.q.down"].format(i=0))
     first_prompt = state.get(AUTHORS_NAMES["prompt.down.weight"].format(i=0))
     if first_q_down is None:
