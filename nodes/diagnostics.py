@@ -10,6 +10,7 @@ import nodes as comfy_nodes
 
 from ..models.attention import attention_mass
 from ..models.frame_attention import frame_attention, heatmap, js_divergence, reference_share
+from .input_checks import MotionDialsNode
 from .patcher_core import AttentionKind, MotionEffect, apply_effect, detect_family, sigma_before
 
 CATEGORY = "Motion Dials/diagnostics"
@@ -44,11 +45,13 @@ class ReferenceShareProbe(MotionEffect):
     def __init__(self, reference_frames: int):
         self.reference_frames = reference_frames
         self.shares: list[float] = []
+        self.frames_seen: set[int] = set()
 
     def observe_attention(self, ctx, q, k, heads, groups, attention_kwargs):
         if ctx.kind not in (AttentionKind.VIDEO_SELF, AttentionKind.JOINT):
             return
         layout = ctx.layout
+        self.frames_seen.add(layout.frames)
         reference_end = layout.frame_start(self.reference_frames)
         if reference_end >= layout.video_end:
             return
@@ -59,7 +62,7 @@ class ReferenceShareProbe(MotionEffect):
         self.shares.append(float(mass.mean()))
 
 
-class ReferenceAttentionShare(io.ComfyNode):
+class ReferenceAttentionShare(MotionDialsNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -80,30 +83,49 @@ class ReferenceAttentionShare(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                 reference_frames) -> io.NodeOutput:
+        cls.check_inputs(seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
+                         reference_frames=reference_frames)
         probe = ReferenceShareProbe(reference_frames)
         sample_with_probe(probe, 1, model, positive, negative, latent_image, seed, steps, cfg, sampler_name,
                           scheduler)
         if not probe.shares:
-            raise ValueError("No video self-attention ran: the latent has a single frame, so there is no "
-                             "generated frame to measure. Use a latent of several frames.")
+            if probe.frames_seen:
+                raise ValueError(f"Reference Attention Share: reference_frames is {reference_frames}, but the latent "
+                                 f"has {max(probe.frames_seen)} latent frames, so no generated frame is left to "
+                                 "measure. Use 1 for image-to-video, or a longer video.")
+            raise ValueError("Reference Attention Share: no video self-attention ran. Connect a video model and a "
+                             "video latent.")
         share = sum(probe.shares) / len(probe.shares)
         return io.NodeOutput(share, ui=ui.PreviewText(f"reference share {share:.4f}"))
 
 
-def parse_indices(text: str, what: str, count: int | None = None) -> list[int] | None:
-    """``"all"`` (None), or a list like ``"0-3, 7"`` of indices below ``count``."""
+def index_spans(text: str, what: str) -> list[tuple[int, int]] | None:
+    """``"all"`` (None), or the (first, last) spans of a list like ``"0-3, 7"``; a clear error for anything else."""
     text = text.strip().lower()
     if text in ("", "all"):
         return None
-    picked = set()
+    spans = []
     for part in text.replace(" ", "").split(","):
         first, _, last = part.partition("-")
         if not first.isdigit() or (last and not last.isdigit()):
             raise ValueError(f"{what} must be 'all' or a list like '0-3, 7'; got {text!r}.")
-        picked.update(range(int(first), int(last or first) + 1))
-    if count is not None and max(picked) >= count:
-        raise ValueError(f"{what} {max(picked)} does not exist: the model has {count} (0 to {count - 1}).")
-    return sorted(picked)
+        low, high = int(first), int(last or first)
+        if low > high:
+            raise ValueError(f"{what}: the range {part!r} runs backwards; write it as '{high}-{low}'.")
+        spans.append((low, high))
+    return spans
+
+
+def parse_indices(text: str, what: str, count: int) -> list[int] | None:
+    """The indices a list like ``"0-3, 7"`` names (None for all), each below ``count``: the bounds are checked
+    before any span is expanded, so '0-10000000' costs nothing."""
+    spans = index_spans(text, what)
+    if spans is None:
+        return None
+    highest = max(high for _, high in spans)
+    if highest >= count:
+        raise ValueError(f"{what} {highest} does not exist: the model has {count} (0 to {count - 1}).")
+    return sorted({index for low, high in spans for index in range(low, high + 1)})
 
 
 class FrameAttentionProbe(MotionEffect):
@@ -123,9 +145,6 @@ class FrameAttentionProbe(MotionEffect):
             return
         if self.blocks is not None and ctx.block_index not in self.blocks:
             return
-        if self.heads is not None and max(self.heads) >= heads:
-            raise ValueError(f"heads: head {max(self.heads)} does not exist; this model has {heads} (0 to "
-                             f"{heads - 1}).")
         layout = ctx.layout
         matrices = frame_attention(q, k, heads, groups, video_start=layout.video_start, frames=layout.frames,
                                    tokens_per_frame=layout.tokens_per_frame, mask=attention_kwargs.get("mask"),
@@ -150,7 +169,7 @@ def sample_with_probe(probe: MotionEffect, last_step: int, model, positive, nega
                                 negative, latent_image, start_step=0, last_step=last_step)
 
 
-class AttentionInspector(io.ComfyNode):
+class AttentionInspector(MotionDialsNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -186,13 +205,27 @@ class AttentionInspector(io.ComfyNode):
         )
 
     @classmethod
+    def extra_problems(cls, values: dict) -> list[str]:
+        problems = []
+        for name in ("blocks", "heads"):
+            if isinstance(values.get(name), str):
+                try:
+                    index_spans(values[name], name)
+                except ValueError as error:
+                    problems.append(f"Attention Inspector: {error}")
+        return problems
+
+    @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                 reference_frames, fraction, blocks, heads) -> io.NodeOutput:
+        cls.check_inputs(seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
+                         reference_frames=reference_frames, fraction=fraction, blocks=blocks, heads=heads)
         diffusion_model = model.get_model_object("diffusion_model")
+        family = detect_family(model)
         # Block indices count within each block type of the family (as the core numbers them).
-        block_count = 1 + max(index for _, index, _ in detect_family(model).blocks(diffusion_model))
+        block_count = 1 + max(index for _, index, _ in family.blocks(diffusion_model))
         probe = FrameAttentionProbe(fraction, parse_indices(blocks, "blocks", block_count),
-                                    parse_indices(heads, "heads"))
+                                    parse_indices(heads, "heads", family.attention_heads(diffusion_model)))
         sample_with_probe(probe, measured_steps(model, steps, scheduler, fraction), model, positive, negative,
                           latent_image, seed, steps, cfg, sampler_name, scheduler)
         if probe.total is None:
@@ -207,7 +240,7 @@ class AttentionInspector(io.ComfyNode):
         return io.NodeOutput(matrix, heatmap(matrix), mean_share, per_frame, ui=ui.PreviewText(text))
 
 
-class AttentionDistance(io.ComfyNode):
+class AttentionDistance(MotionDialsNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -95,7 +95,9 @@ def test_block_and_head_lists():
     with pytest.raises(ValueError, match="blocks 30 does not exist: the model has 30"):
         parse_indices("28-30", "blocks", 30)
     with pytest.raises(ValueError, match="'all' or a list"):
-        parse_indices("first", "heads")
+        parse_indices("first", "heads", 12)
+    with pytest.raises(ValueError, match="runs backwards"):
+        parse_indices("5-2", "heads", 12)
 
 
 def test_inspector_on_tiny_wan_agrees_with_the_reference_share_and_sees_dymos(tiny_models):

@@ -149,6 +149,10 @@ class ModelFamily:
     def patch_size(self, diffusion_model) -> tuple[int, int, int]:
         raise NotImplementedError
 
+    def attention_heads(self, diffusion_model) -> int:
+        """The heads of the model's video attention (every block has as many)."""
+        return diffusion_model.num_heads
+
     def token_grid(self, diffusion_model, latent_shape) -> tuple[int, int, int]:
         """Token frames, height and width of a latent [B, C, F, H, W], padded to the patch size as the model does."""
         return tuple(-(-size // patch) for size, patch in zip(latent_shape[-3:], self.patch_size(diffusion_model),

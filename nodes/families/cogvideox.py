@@ -37,6 +37,9 @@ class CogVideoXFamily(JointFamily):
     def patch_size(self, diffusion_model):
         return (diffusion_model.patch_size_t or 1, diffusion_model.patch_size, diffusion_model.patch_size)
 
+    def attention_heads(self, diffusion_model):
+        return diffusion_model.num_attention_heads
+
     def enter_block(self, forward, block_type, index, module, args, kwargs) -> BlockRun:
         video, text = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
         if video.shape[1] != math.prod(forward.token_grid):
