@@ -101,7 +101,7 @@ def read_python_config(path: str | Path) -> dict:
     path = Path(path)
     try:
         tree = ast.parse(path.read_text(), filename=str(path))
-    except (OSError, SyntaxError, ValueError) as error:
+    except (OSError, SyntaxError, ValueError, RecursionError, MemoryError) as error:
         raise ModelFileError(f"GroundingDINO config {path.name} cannot be read ({error}).") from None
     config = {}
     for node in tree.body:
@@ -118,7 +118,7 @@ def read_python_config(path: str | Path) -> dict:
                              values=[k.value for k in value.keywords])
         try:
             config[target.id] = ast.literal_eval(value)
-        except ValueError:
+        except (ValueError, TypeError, RecursionError):
             raise ModelFileError(f"GroundingDINO config {path.name}, line {node.lineno}: {target.id} is not a "
                                  "literal value (numbers, strings, lists, dicts, None, True, False).") from None
     return config

@@ -9,6 +9,7 @@ from comfy_api.latest import io
 
 from ..models.dymos import SCHEDULES, dymos_query_groups
 from .families import supported_families
+from .input_checks import MotionDialsNode, warn_on_node
 from .patcher_core import AttentionContext, AttentionKind, MotionEffect, apply_effect
 
 CATEGORY = "Motion Dials"
@@ -22,11 +23,12 @@ PAPER_SETTINGS = (
 class DyMoSEffect(MotionEffect):
     """Subtract ``strength * g(f)`` from the logits of generated-frame queries on reference-frame keys."""
 
-    def __init__(self, strength: float, tau: float, schedule: str, reference_frames: int):
+    def __init__(self, strength: float, tau: float, schedule: str, reference_frames: int, node_id: str | None = None):
         self.strength = strength
         self.tau = tau
         self.schedule = schedule
         self.reference_frames = reference_frames
+        self.node_id = node_id
         self._groups_by_layout = {}
 
     def active_in(self, forward):
@@ -36,9 +38,15 @@ class DyMoSEffect(MotionEffect):
         if ctx.kind not in (AttentionKind.VIDEO_SELF, AttentionKind.JOINT):
             return None
         cache_key = (ctx.layout, ctx.forward.device)
-        groups = self._groups_by_layout.get(cache_key)
-        if groups is None:
-            layout = ctx.layout
+        if cache_key in self._groups_by_layout:
+            return self._groups_by_layout[cache_key]
+        layout = ctx.layout
+        if layout.frames <= self.reference_frames:
+            warn_on_node(self.node_id, f"DyMoS Motion Slider: reference_frames is {self.reference_frames}, but the "
+                         f"latent has {layout.frames} latent frames, so no frame is generated and the slider does "
+                         "nothing. Use 1 for image-to-video, or a longer video.")
+            groups = None
+        else:
             groups = dymos_query_groups(
                 sequence_length=layout.sequence_length,
                 video_start=layout.video_start,
@@ -49,11 +57,11 @@ class DyMoSEffect(MotionEffect):
                 schedule=self.schedule,
                 device=ctx.forward.device,
             )
-            self._groups_by_layout[cache_key] = groups
+        self._groups_by_layout[cache_key] = groups
         return groups
 
 
-class DyMoSMotionSlider(io.ComfyNode):
+class DyMoSMotionSlider(MotionDialsNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -101,17 +109,14 @@ class DyMoSMotionSlider(io.ComfyNode):
                 ),
             ],
             outputs=[io.Model.Output(tooltip="The model with the motion slider applied.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def validate_inputs(cls, frame_schedule) -> bool | str:
-        # ComfyUI 0.3.75 does not check V3 combo values at /prompt; without this a typo would fail mid-sampling.
-        if frame_schedule not in SCHEDULES:
-            return f"unknown frame schedule {frame_schedule!r}; choose one of {', '.join(SCHEDULES)}"
-        return True
-
-    @classmethod
     def execute(cls, model, strength, tau, frame_schedule, reference_frames=1) -> io.NodeOutput:
+        cls.check_inputs(strength=strength, tau=tau, reference_frames=reference_frames)
         if strength == 0.0 or tau == 0.0:
             return io.NodeOutput(model)
-        return io.NodeOutput(apply_effect(model, DyMoSEffect(strength, tau, frame_schedule, reference_frames)))
+        node_id = getattr(cls.hidden, "unique_id", None)
+        return io.NodeOutput(apply_effect(model, DyMoSEffect(strength, tau, frame_schedule, reference_frames,
+                                                             node_id)))

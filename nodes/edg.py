@@ -16,6 +16,7 @@ from ..models.merge import (
     edg_dynamic,
     extrapolate,
 )
+from .input_checks import MotionDialsNode
 from .model_switch import MODES, switch_models
 from .weight_merge import Formula, check_same_architecture, merged_clone
 
@@ -37,7 +38,7 @@ def _dare_rate_input() -> io.Float.Input:
     )
 
 
-class EDGMerge(io.ComfyNode):
+class EDGMerge(MotionDialsNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         factor = dict(min=-10.0, max=10.0, step=0.01)
@@ -78,6 +79,8 @@ class EDGMerge(io.ComfyNode):
     @classmethod
     def execute(cls, pretrained, finetuned, dyn_alpha, dyn_beta, con_alpha, con_beta, dare_rate,
                 seed) -> io.NodeOutput:
+        cls.check_inputs(dyn_alpha=dyn_alpha, dyn_beta=dyn_beta, con_alpha=con_alpha, con_beta=con_beta,
+                         dare_rate=dare_rate, seed=seed)
         check_same_architecture(pretrained, finetuned, ("pretrained", "finetuned"))
         dynamic = merged_clone(pretrained, (finetuned,), Formula(
             edg_dynamic, dict(alpha=dyn_alpha, beta=dyn_beta), Dare(dare_rate, seed)), "EDG Merge (dynamic)")
@@ -87,7 +90,7 @@ class EDGMerge(io.ComfyNode):
         return io.NodeOutput(dynamic, consistency)
 
 
-class ModelMergeExtrapolate(io.ComfyNode):
+class ModelMergeExtrapolate(MotionDialsNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -107,12 +110,13 @@ class ModelMergeExtrapolate(io.ComfyNode):
 
     @classmethod
     def execute(cls, model1, model2, ratio) -> io.NodeOutput:
+        cls.check_inputs(ratio=ratio)
         check_same_architecture(model1, model2, ("model1", "model2"))
         return io.NodeOutput(merged_clone(model1, (model2,), Formula(extrapolate, dict(ratio=ratio)),
                                           "Model Merge Extrapolate"))
 
 
-class DareAddDifference(io.ComfyNode):
+class DareAddDifference(MotionDialsNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -136,13 +140,14 @@ class DareAddDifference(io.ComfyNode):
 
     @classmethod
     def execute(cls, target, base, tuned, strength, dare_rate, seed) -> io.NodeOutput:
+        cls.check_inputs(strength=strength, dare_rate=dare_rate, seed=seed)
         check_same_architecture(target, base, ("target", "base"))
         check_same_architecture(target, tuned, ("target", "tuned"))
         formula = Formula(dare_add_difference, dict(strength=strength), Dare(dare_rate, seed))
         return io.NodeOutput(merged_clone(target, (base, tuned), formula, "DARE Add Difference"))
 
 
-class EDGTimestepSwitch(io.ComfyNode):
+class EDGTimestepSwitch(MotionDialsNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -175,12 +180,6 @@ class EDGTimestepSwitch(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, mode) -> bool | str:
-        # ComfyUI 0.3.75 does not check V3 combo values at /prompt.
-        if mode not in MODES:
-            return f"unknown mode {mode!r}; choose one of {', '.join(MODES)}"
-        return True
-
-    @classmethod
     def execute(cls, early_model, late_model, boundary, mode, window=0.2) -> io.NodeOutput:
+        cls.check_inputs(boundary=boundary, mode=mode, window=window)
         return io.NodeOutput(switch_models(early_model, late_model, boundary, mode, window))

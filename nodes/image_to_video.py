@@ -18,6 +18,7 @@ from comfy_api.latest import io
 import nodes as comfy_nodes
 
 from ..models.latent_init import adain_to_first_frame, dct_low_pass_mix, share_first_frame_noise
+from .input_checks import MotionDialsNode, check_image
 
 CATEGORY = "Motion Dials/MIVA"
 DCT_INIT_TIMESTEP = 975.0  # the image latent is noised to t = 975 (of 1000) before its low frequencies are kept
@@ -117,7 +118,7 @@ class MIVAInitialNoise:
         return noise.to(latent.dtype)
 
 
-class MIVAImageToVideoLatent(io.ComfyNode):
+class MIVAImageToVideoLatent(MotionDialsNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -148,10 +149,12 @@ class MIVAImageToVideoLatent(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, start_image, width, height, length, batch_size) -> io.NodeOutput:
+        cls.check_inputs(width=width, height=height, length=length, batch_size=batch_size)
+        check_image("MIVA Image To Video Latent", "start_image", start_image)
         return io.NodeOutput(image_to_video_latent(vae, start_image, width, height, length, batch_size))
 
 
-class MIVANoise(io.ComfyNode):
+class MIVANoise(MotionDialsNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -186,12 +189,13 @@ class MIVANoise(io.ComfyNode):
 
     @classmethod
     def execute(cls, noise_seed, model, shared_noise, dct_init, cutoff) -> io.NodeOutput:
+        cls.check_inputs(noise_seed=noise_seed, shared_noise=shared_noise, dct_init=dct_init, cutoff=cutoff)
         return io.NodeOutput(MIVAInitialNoise(
             noise_seed, model.get_model_object("model_sampling"), model.get_model_object("latent_format"),
             shared_noise, cutoff if dct_init else None))
 
 
-class MIVAAdaIN(io.ComfyNode):
+class MIVAAdaIN(MotionDialsNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -35,6 +35,7 @@ from ..models.miva import (
     save_adapter,
 )
 from .families import WAN
+from .input_checks import MotionDialsNode
 from .model_files import file_stamp, is_plain_name, register_model_folder, searched_folders
 from .patcher_core import (
     AttentionContext,
@@ -277,7 +278,9 @@ def _stack_input():
     )
 
 
-class MIVALoader(io.ComfyNode):
+class MIVALoader(MotionDialsNode):
+    model_file_inputs = {"adapter_name": FOLDER}
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -307,6 +310,7 @@ class MIVALoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, adapter_name, weight, stack=None, model=None, subject_mask=None) -> io.NodeOutput:
+        cls.check_inputs(adapter_name=adapter_name, weight=weight)
         adapter = load_named_adapter(adapter_name)
         if model is not None:
             check_fits(adapter, model)
@@ -318,7 +322,9 @@ class MIVALoader(io.ComfyNode):
         return io.NodeOutput(rows, ui=ui.PreviewText(text))
 
 
-class MIVAStack(io.ComfyNode):
+class MIVAStack(MotionDialsNode):
+    model_file_inputs = {f"adapter_{i}": FOLDER for i in range(1, STACK_ROWS + 1)}
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         inputs = [_stack_input()]
@@ -343,6 +349,7 @@ class MIVAStack(io.ComfyNode):
 
     @classmethod
     def execute(cls, stack=None, **rows) -> io.NodeOutput:
+        cls.check_inputs(**rows)
         result = list(stack or ())
         for i in range(1, STACK_ROWS + 1):
             name = rows.get(f"adapter_{i}", NO_ADAPTER)
@@ -354,7 +361,7 @@ class MIVAStack(io.ComfyNode):
             ("" if row.enabled else "[off] ") + f"{row.weight:+.2f} " + describe(row.adapter) for row in result)))
 
 
-class MIVAApply(io.ComfyNode):
+class MIVAApply(MotionDialsNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -377,7 +384,9 @@ class MIVAApply(io.ComfyNode):
         return io.NodeOutput(apply_stack(model, tuple(stack)))
 
 
-class MIVAConvert(io.ComfyNode):
+class MIVAConvert(MotionDialsNode):
+    model_file_inputs = {"training_output": FOLDER}
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -399,13 +408,17 @@ class MIVAConvert(io.ComfyNode):
                              tooltip="That model's attention heads: 12 for Wan 2.1 1.3B, 40 for 14B."),
                 io.String.Input("file_name", default="",
                                 tooltip="Name of the converted file; empty: the source's name with .safetensors."),
+                io.Boolean.Input("overwrite", default=False, optional=True,
+                                 tooltip="Replace an existing adapter of that name. Off: an existing file is kept and "
+                                 "the node stops with an error."),
             ],
             outputs=[],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, training_output, motion, subject, base, heads, file_name) -> io.NodeOutput:
+    def execute(cls, training_output, motion, subject, base, heads, file_name, overwrite=False) -> io.NodeOutput:
+        cls.check_inputs(training_output=training_output, heads=heads, overwrite=overwrite)
         if not motion.strip() or not subject.strip():
             raise ValueError("MIVA Convert needs the adapter's motion and subject: the training output does not say.")
         source = Path(resolve_model_file(training_output))
@@ -416,7 +429,10 @@ class MIVAConvert(io.ComfyNode):
             raise ValueError(f"file_name {target_name!r} must be a plain file name.")
         target = source.parent / target_name
         if target == source:
-            raise ValueError("file_name would overwrite the training output; choose another name.")
+            raise ValueError("MIVA Convert: file_name would overwrite the training output; choose another name.")
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"MIVA Convert: {target_name} already exists in {target.parent}; choose another "
+                                  "file_name, or switch overwrite on to replace it.")
         state = read_training_output(source)
         info, tensors = convert_authors_layout(state, base=base.strip(), motion=motion.strip(),
                                                subject=subject.strip(), heads=heads, source=source.name)

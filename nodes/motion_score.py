@@ -7,11 +7,12 @@ from comfy_api.latest import io, ui
 
 from ..models.motion_score import TOP_SHARE, magnitude_preview, motion_score
 from .diagnostics import CATEGORY
+from .input_checks import MotionDialsNode, check_image
 
 DEFAULT_MAX_SIDE = 256
 
 
-class MotionScore(io.ComfyNode):
+class MotionScore(MotionDialsNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         top_percent = f"{TOP_SHARE:.0%}"
@@ -51,6 +52,8 @@ class MotionScore(io.ComfyNode):
 
     @classmethod
     def execute(cls, frames, max_side=DEFAULT_MAX_SIDE) -> io.NodeOutput:
+        cls.check_inputs(max_side=max_side)
+        check_image("Motion Score", "frames", frames, least=2)
         # updating ComfyUI's progress bar is also where its cancel button takes effect
         progress = comfy.utils.ProgressBar(len(frames) - 1)
         score = motion_score(frames, max_side, on_pair=lambda: progress.update(1))

@@ -25,6 +25,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..models import segmentation
+from .input_checks import MotionDialsNode, check_image
 from .miva import MivaStackType
 from .model_files import file_stamp, is_plain_name, register_model_folder, searched_folders
 
@@ -173,7 +174,9 @@ def _loader_inputs(folder: str, what: str, examples: str) -> list:
     ]
 
 
-class GroundingDINOLoader(io.ComfyNode):
+class GroundingDINOLoader(MotionDialsNode):
+    model_file_inputs = {"model_name": DINO_FOLDER}
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -194,7 +197,9 @@ class GroundingDINOLoader(io.ComfyNode):
         return io.NodeOutput(loaded, ui=ui.PreviewText(loaded.description))
 
 
-class SAM2Loader(io.ComfyNode):
+class SAM2Loader(MotionDialsNode):
+    model_file_inputs = {"model_name": SAM2_FOLDER}
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -216,10 +221,7 @@ class SAM2Loader(io.ComfyNode):
 
 def rgb(images: torch.Tensor) -> torch.Tensor:
     """A ComfyUI IMAGE [B, H, W, C] as RGB [B, H, W, 3] float: alpha dropped, gray repeated."""
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"Subject Mask needs an IMAGE [batch, height, width, 3]; got {list(images.shape)}.")
+    check_image("Subject Mask", "image", images)
     channels = images.shape[-1]
     images = images.float()
     if channels == 4:
@@ -239,7 +241,7 @@ def describe(found: segmentation.Detections) -> str:
                                                                 found.boxes.tolist(), strict=True))
 
 
-class SubjectMask(io.ComfyNode):
+class SubjectMask(MotionDialsNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -280,8 +282,7 @@ class SubjectMask(io.ComfyNode):
     @classmethod
     def execute(cls, image, grounding_dino, sam2, prompt, box_threshold, text_threshold, mode,
                 miva_stack=None) -> io.NodeOutput:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}.")
+        cls.check_inputs(box_threshold=box_threshold, text_threshold=text_threshold, mode=mode)
         text = prompt.strip() or stack_subject(miva_stack)
         if not text:
             raise ValueError("Subject Mask needs a prompt: type what to find (e.g. 'horse'), or connect a MIVA stack "

@@ -132,6 +132,12 @@ class Server:
         with urllib.request.urlopen(self.url + path, timeout=30) as response:
             return json.loads(response.read())
 
+    def post_json(self, path: str, body: dict) -> int:
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+
     def upload_image(self, path: Path) -> str:
         """Put an image into the server's input folder, as the web UI's upload does."""
         destination = self.workdir / "input" / path.name

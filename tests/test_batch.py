@@ -117,10 +117,10 @@ def test_a_validation_error_names_node_class_input_and_reason_and_the_batch_goes
     assert rejected.returncode == 1
     slider = node_of(json.loads(workflow.read_text()), "DyMoSMotionSlider")
     assert f"node {slider} (DyMoSMotionSlider) input 'strength':" in rejected.stderr
-    assert "bigger than max" in rejected.stderr
+    assert "strength is 10, outside its range" in rejected.stderr
     by_strength = {job["parameters"]["DyMoS Motion Slider.strength"]: job for job in manifest_jobs(output)
                    if job["parameters"].get("12.seed") == 7}
-    assert by_strength[10]["status"] == "failed" and "bigger than max" in by_strength[10]["error"]
+    assert by_strength[10]["status"] == "failed" and "strength is 10, outside its range" in by_strength[10]["error"]
     assert by_strength[0]["status"] == "done" and by_strength[0]["files"], "the other job still ran"
 
 

@@ -317,8 +317,9 @@ def test_switch_rejects_models_that_cannot_share_a_run(pair, tiny_models):
 
 
 def test_switch_mode_is_validated():
-    assert EDGTimestepSwitch.validate_inputs("hard switch") is True
-    assert "choose one of" in EDGTimestepSwitch.validate_inputs("soft")
+    assert EDGTimestepSwitch.validate_inputs(mode="hard switch") is True
+    refusal = EDGTimestepSwitch.validate_inputs(mode="soft")
+    assert "EDG Timestep Switch: mode 'soft' is not one of its choices" in refusal
 
 
 def test_each_model_keeps_its_own_attention_patches(pair):

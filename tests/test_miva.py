@@ -383,4 +383,6 @@ def test_loader_and_stack_read_from_the_miva_folder_and_refuse_names_outside_it(
         with pytest.raises(ValueError, match="not a plain name inside models/miva"):
             resolve_model_file(name)
     with pytest.raises(FileNotFoundError, match="missing.safetensors' was not found in .*miva"):
+        resolve_model_file("missing.safetensors")
+    with pytest.raises(ValueError, match="MIVA Loader: adapter_name 'missing.safetensors' is not a file in .*miva"):
         MIVALoader.execute("missing.safetensors", 1.0)

@@ -112,5 +112,5 @@ def test_node_outputs_numbers_a_preview_per_pair_and_text():
 
 
 def test_a_single_frame_is_refused_with_the_reason():
-    with pytest.raises(ValueError, match="at least two frames, got 1"):
+    with pytest.raises(ValueError, match="frames needs at least 2 pictures, got 1"):
         MotionScore.execute(translated_clip(0, 0, frames=1))
