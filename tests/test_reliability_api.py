@@ -6,18 +6,26 @@ sends the probe's cases to a real ComfyUI server and expects them refused at /pr
 """
 
 import json
+import logging
 import math
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 from comfy_api.latest import io
 from host import REPO, Server
+from sampling import conditioning, load_tiny, sample_tiny
 from server_client import PromptRejected, queue_prompt
 from test_server import node_of, tiny_workflow
 
 from motion_dials.nodes import NODES
+from motion_dials.nodes.diagnostics import AttentionInspector
+from motion_dials.nodes.dymos import DyMoSMotionSlider
+from motion_dials.nodes.image_to_video import MIVAImageToVideoLatent
+from motion_dials.nodes.motion_score import MotionScore
+from motion_dials.nodes.subject_mask import SubjectMask
 
 NON_NUMBERS = [float("nan"), float("inf"), float("-inf")]
 
@@ -161,6 +169,50 @@ def test_declared_sizes_and_ranges_are_refused_before_anything_is_allocated(tiny
         assert phrase in outcome["message"], outcome
         assert outcome["seconds"] < 0.1, outcome
         assert outcome["grown_kib"] < 4 * 1024, outcome  # no allocation above a few MB
+
+
+# ------------------------------------------------------------------------------- values known only at run time
+
+
+def test_dymos_warns_when_reference_frames_leave_no_generated_frame(tiny_models, caplog):
+    model = load_tiny("wan2.1_i2v")
+    frames = conditioning("wan2.1_i2v")[2]["samples"].shape[2]
+    patched = DyMoSMotionSlider.execute(model, 2.0, 1.0, "uniform", frames).result[0]
+    with caplog.at_level(logging.WARNING, logger="motion_dials"):
+        result = sample_tiny("wan2.1_i2v", patched, 2)
+    assert f"reference_frames is {frames}, but the latent has {frames} latent frames" in caplog.text
+    assert torch.equal(result, sample_tiny("wan2.1_i2v", model, 2)), "the slider indeed did nothing"
+
+
+def test_attention_inspector_checks_heads_against_the_model_before_sampling(tiny_models, monkeypatch):
+    import motion_dials.nodes.diagnostics as diagnostics
+
+    monkeypatch.setattr(diagnostics, "sample_with_probe", lambda *args: pytest.fail("sampling started"))
+    model = load_tiny("wan2.1_i2v")
+    heads = model.get_model_object("diffusion_model").num_heads
+    positive, negative, latent = conditioning("wan2.1_i2v")
+    with pytest.raises(ValueError, match=f"heads {heads} does not exist: the model has {heads}"):
+        AttentionInspector.execute(model, positive, negative, latent, 0, 4, 2.0, "euler", "simple", 1, 0.1, "all",
+                                   f"0-{heads}")
+
+
+IMAGE_NODES = {
+    "Subject Mask": lambda image: SubjectMask.execute(image, None, None, "horse", 0.3, 0.25, "best box"),
+    "MIVA Image To Video Latent": lambda image: MIVAImageToVideoLatent.execute(None, image, 64, 64, 5, 1),
+    "Motion Score": lambda image: MotionScore.execute(image),
+}
+
+
+@pytest.mark.parametrize("node", IMAGE_NODES)
+@pytest.mark.parametrize("image,phrase", [
+    (torch.zeros(0, 32, 32, 3), "is an empty IMAGE batch"),
+    (torch.zeros(32, 32, 3), "must be an IMAGE [batch, height, width, 3]; it got a tensor of shape [32, 32, 3]"),
+    (torch.zeros(1, 32, 32, 2), "must be an IMAGE"),
+], ids=["empty batch", "[H, W, 3]", "two channels"])
+def test_image_inputs_that_are_no_image_batch_are_named(tiny_models, node, image, phrase):
+    with pytest.raises(ValueError) as error:
+        IMAGE_NODES[node](image)
+    assert str(error.value).startswith(f"{node}: ") and phrase in str(error.value), error.value
 
 
 # ----------------------------------------------------------------------------------- through a real server

@@ -14,10 +14,15 @@ import sys
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
+from test_miva import authors_layout
+from tiny_models import ADAPTERS, adapter_info, random_adapter_tensors
 from tiny_segmenters import BERT_FOLDER, GROUNDING_DINO_FILE, SAM2_PT_FILE, SAM2_SAFETENSORS_FILE
 
 from motion_dials.models import segmentation
+from motion_dials.models.miva import AdapterFormatError, load_adapter, save_adapter
 from motion_dials.models.segmentation import ModelFileError
+from motion_dials.nodes.miva import MIVAConvert
 
 MARKER = "payload_ran"
 SAM2_CONFIG = SAM2_PT_FILE.replace(".pt", ".yaml")
@@ -334,3 +339,37 @@ def test_a_grounding_dino_config_with_code_is_refused_and_never_run(tiny_models,
         segmentation.build_grounding_dino(weights, tiny_models / BERT_FOLDER)
     assert f"GroundingDINO config {DINO_CONFIG}, {problem}" in str(error.value)
     assert not (tmp_path / MARKER).exists()
+
+
+# ------------------------------------------------------------------------------------------------ MIVA adapters
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_an_adapter_with_non_finite_tensors_is_refused_naming_the_tensor(tmp_path, bad):
+    info = adapter_info(ADAPTERS[1])
+    tensors = random_adapter_tensors(info, 4)
+    tensors["blocks.1.cfa.o.up"][3, 0] = bad
+    path = tmp_path / "diverged.safetensors"
+    save_file(tensors, str(path), metadata=info.to_metadata())
+    with pytest.raises(AdapterFormatError, match=r"diverged.safetensors: blocks.1.cfa.o.up holds NaN or infinite"):
+        load_adapter(path)
+
+
+def test_miva_convert_keeps_an_existing_adapter_unless_overwrite_is_on(tiny_models):
+    info = adapter_info(ADAPTERS[1])
+    source = tiny_models / "miva" / "reliability_training_output.safetensors"
+    target = tiny_models / "miva" / "reliability_existing.safetensors"
+    existing = random_adapter_tensors(info, 8)
+    try:
+        save_file(authors_layout(random_adapter_tensors(info, 9), info), str(source))
+        save_adapter(target, info, existing)
+        before = target.read_bytes()
+        arguments = (source.name, "waterfall", "waterfall", info.base, info.heads, target.stem)
+        with pytest.raises(FileExistsError, match="reliability_existing.safetensors already exists.*overwrite on"):
+            MIVAConvert.execute(*arguments)
+        assert target.read_bytes() == before
+        MIVAConvert.execute(*arguments, overwrite=True)
+        assert not torch.equal(load_adapter(target).blocks[0].cfa.q_down, existing["blocks.0.cfa.q.down"])
+    finally:
+        source.unlink(missing_ok=True)
+        target.unlink(missing_ok=True)
