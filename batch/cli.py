@@ -8,7 +8,10 @@ import json
 import sys
 from pathlib import Path
 
-from .client import ComfyClient, ServerLost, uploaded_name
+import aiohttp
+
+from .client import BadAnswer, ComfyClient, ServerLost, uploaded_name
+from .files import WriteFailed
 from .manifest import DONE, Manifest
 from .report import write_contact_sheet, write_index
 from .scheduler import DEFAULT_JOBS_PER_SERVER, Batch
@@ -60,9 +63,12 @@ async def fetch_object_info(servers: list[str]) -> dict:
     for url in servers:
         try:
             async with ComfyClient(url) as client:
-                return await client.get_json("/object_info")
+                object_info = await client.get_json("/object_info")
         except ServerLost:
             continue
+        if not isinstance(object_info, dict):
+            raise BadAnswer(f"{url}/object_info is not an object")
+        return object_info
     raise WorkflowError(f"no server answered ({', '.join(servers)}): cannot convert the UI-format workflow")
 
 
@@ -71,6 +77,25 @@ def load_workflow(path: Path, servers: list[str]) -> dict:
     if is_ui_format(workflow):
         workflow = ui_to_api(workflow, asyncio.run(fetch_object_info(servers)))
     return workflow
+
+
+def run_batch(args: argparse.Namespace, manifest: Manifest, jobs: list, images: list[Path]) -> bool:
+    """Runs the jobs the manifest does not show done; True when every job finished (done or failed)."""
+    manifest.save()
+    to_run = [job for job in jobs if not manifest.is_done(job.id)]
+    if len(to_run) < len(jobs):
+        print(f"{len(jobs) - len(to_run)} of {len(jobs)} jobs already done (in {manifest.path}): skipped")
+    batch = Batch(to_run, args.servers, manifest, args.output, images=images, jobs_per_server=args.jobs_per_server)
+    return asyncio.run(batch.run())
+
+
+def saved(manifest: Manifest) -> str:
+    """The manifest saved once more, after the batch stopped early: what the next run will find."""
+    try:
+        manifest.save()
+    except WriteFailed:
+        return f"{manifest.path} could not be updated and keeps its earlier state"
+    return f"{manifest.path} written"
 
 
 def main(argv=None) -> int:
@@ -83,27 +108,24 @@ def main(argv=None) -> int:
             sweeps.append(Sweep(args.image_node, "image", [uploaded_name(image) for image in images],
                                 labels=[image.name for image in images]))
         jobs = expand_jobs(workflow, sweeps, zipped=args.zip)
-    except (WorkflowError, OSError, json.JSONDecodeError) as error:
+        args.output.mkdir(parents=True, exist_ok=True)
+        manifest = Manifest(args.output / "manifest.json")
+    except (WorkflowError, BadAnswer, aiohttp.ClientResponseError, OSError, json.JSONDecodeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    args.output.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(args.output / "manifest.json")
     entries = [manifest.add(job) for job in jobs]
-    manifest.save()
-    to_run = [job for job in jobs if not manifest.is_done(job.id)]
-    if len(to_run) < len(jobs):
-        print(f"{len(jobs) - len(to_run)} of {len(jobs)} jobs already done (in {manifest.path}): skipped")
-    batch = Batch(to_run, args.servers, manifest, args.output, images=images, jobs_per_server=args.jobs_per_server)
     try:
-        complete = asyncio.run(batch.run())
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: {manifest.path} written; run the same command again to resume", file=sys.stderr)
-        return 130
-    finally:
+        complete = run_batch(args, manifest, jobs, images)
         manifest.save()
-    write_contact_sheet(args.output, entries)
-    write_index(args.output, entries)
+        write_contact_sheet(args.output, entries)
+        write_index(args.output, entries)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {saved(manifest)}; run the same command again to resume", file=sys.stderr)
+        return 130
+    except WriteFailed as error:  # one line, as a full disk is not the tool's bug
+        print(f"error: {error}; {saved(manifest)}; run again to resume", file=sys.stderr)
+        return 1
     done = sum(entry["status"] == DONE for entry in entries)
     print(f"{done} of {len(entries)} jobs done; results, manifest.json, contact_sheet.png and index.html "
           f"in {args.output}")

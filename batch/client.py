@@ -8,9 +8,11 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import aiohttp
+
+from .files import OutputFolder
 
 UPLOAD_SUBFOLDER = "motion_dials_batch"
 
@@ -22,7 +24,7 @@ class ServerLost(Exception):
 class PromptRejected(Exception):
     """/prompt answered 400: the prompt failed validation; ``body`` holds ``error`` and ``node_errors``."""
 
-    def __init__(self, body: dict):
+    def __init__(self, body):
         super().__init__(describe_rejection(body))
         self.body = body
 
@@ -31,8 +33,19 @@ class PromptFailed(Exception):
     """The prompt ran and failed (``execution_error``) or was interrupted."""
 
 
-def describe_rejection(body: dict) -> str:
+class BadAnswer(Exception):
+    """The server answered what ComfyUI never sends (not JSON, keys missing, wrong types): that job fails."""
+
+
+def describe_rejection(body) -> str:
     """ComfyUI's validation answer as lines of node id, class, input name and reason."""
+    try:
+        return _rejection_lines(body)
+    except (AttributeError, TypeError):  # not shaped as ComfyUI's: shown as it came
+        return f"prompt rejected: {json.dumps(body)[:500]}"
+
+
+def _rejection_lines(body: dict) -> str:
     error = body.get("error", {})
     lines = [f"{error.get('message', 'prompt rejected')}" + (f": {error['details']}" if error.get("details") else "")]
     for node_id, node_error in body.get("node_errors", {}).items():
@@ -87,7 +100,8 @@ class ComfyClient:
 
     async def __aexit__(self, exc_type, exc, traceback):
         try:
-            if exc_type is asyncio.CancelledError and self._unfinished and not self._reader.done():
+            # Leaving on any error (cancelled, a full disk...): nobody will collect these prompts' outputs.
+            if exc_type is not None and self._unfinished and not self._reader.done():
                 await self._withdraw()
         finally:
             self._reader.cancel()
@@ -112,14 +126,17 @@ class ComfyClient:
             async for message in self._socket:
                 if message.type != aiohttp.WSMsgType.TEXT:
                     continue  # binary previews
-                event = json.loads(message.data)
-                data = event.get("data") or {}
-                prompt_id = data.get("prompt_id")
-                if prompt_id is None:
+                try:
+                    event = json.loads(message.data)
+                except ValueError:
+                    continue  # a broken message says nothing about our prompts; their end comes in another
+                data = event.get("data") if isinstance(event, dict) else None
+                prompt_id = data.get("prompt_id") if isinstance(data, dict) else None
+                if not isinstance(prompt_id, str):
                     continue
                 kind = event.get("type")
                 if kind == "progress":
-                    self.on_progress(Progress(prompt_id, data.get("node"), data["value"], data["max"]))
+                    self.on_progress(Progress(prompt_id, data.get("node"), data.get("value"), data.get("max")))
                 elif kind == "execution_error":
                     self._errors[prompt_id] = (f"node {data.get('node_id')} ({data.get('node_type')}): "
                                                f"{data.get('exception_message')}")
@@ -137,6 +154,8 @@ class ComfyClient:
     def _settle(self, prompt_id: str, error: str | None):
         self._unfinished.discard(prompt_id)
         outcome = self._outcome(prompt_id)
+        if outcome.done():  # told twice before its waiter took the first word
+            return
         if error:
             outcome.set_exception(PromptFailed(error))
         else:
@@ -152,10 +171,17 @@ class ComfyClient:
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as error:
             raise ServerLost(str(error)) from error
 
+    async def _json(self, response: aiohttp.ClientResponse, path: str):
+        try:
+            return await response.json(content_type=None)
+        except ValueError as error:  # not JSON, or not text at all
+            raise BadAnswer(f"{path} answered something other than JSON ({error}): "
+                            f"{(await response.read())[:100]!r}") from error
+
     async def get_json(self, path: str):
         response = await self._request("GET", path)
         response.raise_for_status()
-        return await response.json()
+        return await self._json(response, path)
 
     async def upload_image(self, image: Path) -> str:
         subfolder, name = uploaded_name(image).split("/")
@@ -165,15 +191,21 @@ class ComfyClient:
         form.add_field("overwrite", "true")  # the name holds the content's hash: same name, same file
         response = await self._request("POST", "/upload/image", data=form)
         response.raise_for_status()
-        answer = await response.json()
+        answer = await self._json(response, "/upload/image")
+        if not (isinstance(answer, dict) and isinstance(answer.get("subfolder"), str)
+                and isinstance(answer.get("name"), str)):
+            raise BadAnswer(f"/upload/image answered without a subfolder and name: {json.dumps(answer)[:200]}")
         return f"{answer['subfolder']}/{answer['name']}"
 
     async def queue_prompt(self, prompt: dict) -> str:
         response = await self._request("POST", "/prompt", json={"prompt": prompt, "client_id": self.client_id})
         if response.status == 400:
-            raise PromptRejected(await response.json())
+            raise PromptRejected(await self._json(response, "/prompt"))
         response.raise_for_status()
-        return (await response.json())["prompt_id"]
+        answer = await self._json(response, "/prompt")
+        if not (isinstance(answer, dict) and isinstance(answer.get("prompt_id"), str)):
+            raise BadAnswer(f"/prompt answered without a prompt_id: {json.dumps(answer)[:200]}")
+        return answer["prompt_id"]
 
     async def run(self, prompt: dict) -> dict:
         """Queue ``prompt``, wait until it ran, and return its outputs from /history."""
@@ -185,24 +217,53 @@ class ComfyClient:
             await outcome
         finally:
             del self._outcomes[prompt_id]
-        entry = (await self.get_json(f"/history/{prompt_id}"))[prompt_id]
+        path = f"/history/{prompt_id}"
+        history = await self.get_json(path)
+        entry = history.get(prompt_id) if isinstance(history, dict) else None
+        if not isinstance(entry, dict):
+            raise BadAnswer(f"{path} does not hold the prompt: {json.dumps(history)[:200]}")
         status = entry.get("status", {})
+        if not isinstance(status, dict):
+            raise BadAnswer(f"{path}: its status is not an object: {json.dumps(status)[:200]}")
         if status.get("status_str") != "success":
             raise PromptFailed(f"status {status.get('status_str')!r}: {json.dumps(status.get('messages', []))[:500]}")
+        if not isinstance(entry.get("outputs"), dict):
+            raise BadAnswer(f"{path}: its outputs are not an object: {json.dumps(entry.get('outputs'))[:200]}")
         return entry["outputs"]
 
-    async def download(self, item: dict, destination: Path) -> Path:
-        """One output file ({filename, subfolder, type} from /history) through /view."""
+    async def download(self, item: dict, folder: OutputFolder, relative: PurePosixPath) -> Path:
+        """One output file ({filename, subfolder, type} from /history) through /view, written at ``relative``."""
+        # The server's own names go back to it as they came: only the local path is ours to make safe.
         params = {key: item.get(key, "") for key in ("filename", "subfolder", "type")}
         response = await self._request("GET", "/view", params=params)
         response.raise_for_status()
-        target = destination / item["filename"]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(await response.read())
-        return target
+        return folder.write(relative, await response.read())
+
+
+def _is_name(value) -> bool:
+    """A text that can travel in a URL: lone surrogates (which JSON can carry) cannot be encoded."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def output_items(outputs: dict) -> list[dict]:
     """Every file a prompt's output nodes saved (images, animated images, videos...)."""
-    return [item for node_outputs in outputs.values() for items in node_outputs.values() if isinstance(items, list)
-            for item in items if isinstance(item, dict) and "filename" in item]
+    items = []
+    for node_id, node_outputs in outputs.items():
+        if not isinstance(node_outputs, dict):
+            raise BadAnswer(f"the outputs of node {node_id} are not an object: {json.dumps(node_outputs)[:200]}")
+        for listed in node_outputs.values():
+            if not isinstance(listed, list):
+                continue
+            for item in listed:
+                if not (isinstance(item, dict) and "filename" in item):
+                    continue  # other UI values ("animated", texts)
+                if not all(_is_name(item.get(key, "")) for key in ("filename", "subfolder", "type")):
+                    raise BadAnswer(f"node {node_id} saved a file without a usable name: {json.dumps(item)[:200]}")
+                items.append(item)
+    return items

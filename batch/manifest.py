@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from .files import write_whole
 
 PENDING, DONE, FAILED = "pending", "done", "failed"
 
@@ -30,7 +31,5 @@ class Manifest:
         return entry
 
     def save(self):
-        # Write then rename, so Ctrl-C or a crash mid-write never leaves a truncated manifest behind.
-        temporary = self.path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps({"jobs": list(self.entries.values())}, indent=1) + "\n")
-        os.replace(temporary, self.path)
+        """Whole or not at all (raises WriteFailed): Ctrl-C, a crash or a full disk leave the last one standing."""
+        write_whole(self.path, (json.dumps({"jobs": list(self.entries.values())}, indent=1) + "\n").encode())

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import html
+import io
 import math
 from pathlib import Path
+from urllib.parse import quote
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
+from .files import write_whole
 from .manifest import DONE
 
 CELL, PADDING, LINE_HEIGHT = 256, 8, 16
@@ -24,8 +27,8 @@ def _first_frame(output_dir: Path, entry: dict) -> Image.Image | None:
         try:
             with Image.open(output_dir / name) as image:  # an animated WEBP or GIF opens on its first frame
                 frame = image.convert("RGB")
-        except (UnidentifiedImageError, OSError):
-            continue  # a video or another non-image output
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+            continue  # a video, another non-image output, or an image too broken or too big to show
         return ImageOps.contain(frame, (CELL, CELL))  # small test-size outputs are scaled up to the cell too
     return None
 
@@ -58,7 +61,9 @@ def write_contact_sheet(output_dir: Path, entries: list[dict]) -> Path:
             draw.text((left, top + CELL + 2 + line_number * LINE_HEIGHT), _fitted(draw, line, font, CELL),
                       fill="black", font=font)
     path = output_dir / "contact_sheet.png"
-    sheet.save(path)
+    encoded = io.BytesIO()
+    sheet.save(encoded, format="PNG")
+    write_whole(path, encoded.getvalue())
     return path
 
 
@@ -68,20 +73,21 @@ def write_index(output_dir: Path, entries: list[dict]) -> Path:
     for entry in entries:
         media = []
         for name in entry.get("files", []):
-            source = html.escape(name, quote=True)
+            # A name may hold "#", "%" or spaces: the link quotes it, the text shows it.
+            source, text = html.escape(quote(name), quote=True), html.escape(name, quote=True)
             if Path(name).suffix.lower() in VIDEO_SUFFIXES:
                 media.append(f'<video src="{source}" controls loop muted></video>')
             else:
-                media.append(f'<a href="{source}"><img src="{source}" alt="{source}"></a>')
+                media.append(f'<a href="{source}"><img src="{source}" alt="{text}"></a>')
         caption = "<br>".join(html.escape(line) for line in _label_lines(entry))
         if entry.get("error"):
             caption += f"<pre>{html.escape(entry['error'])}</pre>"
         cards.append(f"<figure>{''.join(media)}<figcaption>{caption}</figcaption></figure>")
     path = output_dir / "index.html"
-    path.write_text(
+    write_whole(path, (
         "<!doctype html>\n<meta charset=\"utf-8\"><title>Batch results</title>\n"
         "<style>body{font-family:sans-serif;display:flex;flex-wrap:wrap;gap:12px}"
         "figure{margin:0;width:280px}img,video{max-width:100%}pre{white-space:pre-wrap;color:#a00}</style>\n"
         + "\n".join(cards) + "\n"
-    )
+    ).encode(errors="replace"))  # a server's error message may carry lone surrogates
     return path

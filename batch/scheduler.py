@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 import aiohttp
 from tqdm import tqdm
 
-from .client import ComfyClient, PromptFailed, PromptRejected, ServerLost, output_items
+from .client import BadAnswer, ComfyClient, PromptFailed, PromptRejected, ServerLost, output_items
+from .files import OutputFolder, OutsideOutput, WriteFailed, local_paths
 from .manifest import DONE, FAILED, Manifest
 from .workflow import Job
 
@@ -20,13 +21,17 @@ DEFAULT_JOBS_PER_SERVER = 2
 
 
 class Batch:
-    """Runs ``jobs`` on ``servers``, recording each outcome in ``manifest`` and its files under ``output_dir``."""
+    """Runs ``jobs`` on ``servers``, recording each outcome in ``manifest`` and its files under ``output_dir``.
+
+    A file that cannot be written (a full disk) stops the batch: ``run`` raises WriteFailed, the prompts still on
+    the servers taken off.
+    """
 
     def __init__(self, jobs: list[Job], servers: list[str], manifest: Manifest, output_dir: Path, *,
                  images: list[Path] = (), jobs_per_server: int = DEFAULT_JOBS_PER_SERVER):
         self.servers = servers
         self.manifest = manifest
-        self.output_dir = output_dir
+        self.output = OutputFolder(output_dir)
         self.images = images
         self.jobs_per_server = jobs_per_server
         self.waiting: asyncio.Queue[Job] = asyncio.Queue()
@@ -47,16 +52,18 @@ class Batch:
         if self.all_finished.is_set():  # nothing to run: no server is contacted
             self.bar.close()
             return True
-        servers_gone = asyncio.gather(*(self._serve(url) for url in self.servers))
+        workers = [asyncio.create_task(self._serve(url)) for url in self.servers]
+        servers_gone = asyncio.gather(*workers)
         finished = asyncio.create_task(self.all_finished.wait())
         try:
             await asyncio.wait([finished, servers_gone], return_when=asyncio.FIRST_COMPLETED)
             if servers_gone.done():
-                servers_gone.result()  # a worker's unexpected error surfaces here, not silently
+                servers_gone.result()  # a worker's error (a full disk, or unexpected) surfaces here, not silently
         finally:
-            for task in (finished, servers_gone):
+            # Each worker by itself: a gather that failed has let go of its others, and they must withdraw too.
+            for task in (finished, *workers):
                 task.cancel()
-            await asyncio.gather(finished, servers_gone, return_exceptions=True)
+            await asyncio.gather(finished, servers_gone, *workers, return_exceptions=True)
             self.bar.close()
         return self.all_finished.is_set()
 
@@ -78,6 +85,8 @@ class Batch:
                         raise result
         except ServerLost as error:
             self.log(f"lost {url} ({error}); its unfinished jobs go to the other servers")
+        except (BadAnswer, aiohttp.ClientResponseError) as error:  # an image upload: this server cannot run the jobs
+            self.log(f"cannot use {url} ({error}); its jobs go to the other servers")
         finally:
             self.steps.pop(url, None)
 
@@ -87,23 +96,30 @@ class Batch:
             entry = self.manifest.entries[job.id]
             try:
                 outputs = await client.run(job.prompt)
-                entry["files"] = await self._download(client, job, outputs)
+                await self._download(client, job, outputs, entry)
                 entry.update(status=DONE, server=client.url, error=None)
             except (ServerLost, asyncio.CancelledError) as interruption:
                 if isinstance(interruption, ServerLost):
                     entry.setdefault("lost_on", []).append(client.url)
                 self.waiting.put_nowait(job)
                 raise
+            except WriteFailed as error:
+                # Not done, so a rerun retries it; the jobs after it would fail alike, so the batch stops.
+                entry.update(status=FAILED, server=client.url, error=str(error))
+                raise
             except PromptRejected as rejection:
                 self._fail(entry, client.url, f"rejected by validation:\n{rejection}")
-            except (PromptFailed, aiohttp.ClientResponseError) as error:
+            except (PromptFailed, BadAnswer, OutsideOutput, aiohttp.ClientResponseError) as error:
                 self._fail(entry, client.url, f"failed: {error}")
             self._finish_one()
 
-    async def _download(self, client: ComfyClient, job: Job, outputs: dict) -> list[str]:
-        job_dir = self.output_dir / job.id[:12]
-        saved = [await client.download(item, job_dir) for item in output_items(outputs)]
-        return [path.relative_to(self.output_dir).as_posix() for path in saved]
+    async def _download(self, client: ComfyClient, job: Job, outputs: dict, entry: dict):
+        """The job's files into its folder, each listed in ``entry`` once written."""
+        entry["files"] = []
+        items = output_items(outputs)
+        for item, relative in zip(items, local_paths(items), strict=True):
+            await client.download(item, self.output, PurePosixPath(job.id[:12], relative))
+            entry["files"].append(f"{job.id[:12]}/{relative.as_posix()}")
 
     def _fail(self, entry: dict, url: str, message: str):
         entry.update(status=FAILED, server=url, error=message)
