@@ -75,7 +75,13 @@ async def fetch_object_info(servers: list[str]) -> dict:
 def load_workflow(path: Path, servers: list[str]) -> dict:
     workflow = json.loads(path.read_text())
     if is_ui_format(workflow):
-        workflow = ui_to_api(workflow, asyncio.run(fetch_object_info(servers)))
+        object_info = asyncio.run(fetch_object_info(servers))
+        try:
+            workflow = ui_to_api(workflow, object_info)
+        except (KeyError, TypeError, AttributeError, IndexError) as error:
+            # the server's /object_info is not shaped as ComfyUI's is
+            raise WorkflowError(f"cannot convert {path.name} with the server's /object_info ({error!r}); save "
+                                "the workflow in API format instead") from None
     return workflow
 
 
@@ -110,7 +116,7 @@ def main(argv=None) -> int:
         jobs = expand_jobs(workflow, sweeps, zipped=args.zip)
         args.output.mkdir(parents=True, exist_ok=True)
         manifest = Manifest(args.output / "manifest.json")
-    except (WorkflowError, BadAnswer, aiohttp.ClientResponseError, OSError, json.JSONDecodeError) as error:
+    except (WorkflowError, BadAnswer, aiohttp.ClientResponseError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

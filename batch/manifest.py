@@ -10,6 +10,10 @@ from .files import write_whole
 PENDING, DONE, FAILED = "pending", "done", "failed"
 
 
+class ManifestDamaged(ValueError):
+    """manifest.json is not what this tool writes."""
+
+
 class Manifest:
     """The jobs of an output folder by id; entries of earlier runs with other sweeps are kept."""
 
@@ -17,7 +21,11 @@ class Manifest:
         self.path = path
         self.entries: dict[str, dict] = {}
         if path.exists():
-            self.entries = {entry["id"]: entry for entry in json.loads(path.read_text())["jobs"]}
+            try:
+                self.entries = {entry["id"]: entry for entry in json.loads(path.read_text())["jobs"]}
+            except (ValueError, KeyError, TypeError) as error:
+                raise ManifestDamaged(f"{path} is damaged ({error!r}); move it away to start this batch over") \
+                    from None
 
     def is_done(self, job_id: str) -> bool:
         return self.entries.get(job_id, {}).get("status") == DONE

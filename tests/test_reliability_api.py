@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import socket
 import subprocess
 import sys
 
@@ -213,6 +214,52 @@ def test_image_inputs_that_are_no_image_batch_are_named(tiny_models, node, image
     with pytest.raises(ValueError) as error:
         IMAGE_NODES[node](image)
     assert str(error.value).startswith(f"{node}: ") and phrase in str(error.value), error.value
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every attempt to resolve a name or to connect a socket anywhere but loopback, recorded and refused."""
+    attempts = []
+
+    def refuse(what):
+        def guard(*args, **kwargs):
+            attempts.append((what, args[1:] if what == "connect" else args[:1]))
+            raise OSError(f"network refused by the test: {what} {args[1:] or args}")
+        return guard
+
+    real_connect = socket.socket.connect
+
+    def connect(sock, address):
+        if sock.family == socket.AF_UNIX or (isinstance(address, tuple) and address[0] in ("127.0.0.1", "::1")):
+            return real_connect(sock, address)
+        return refuse("connect")(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
+    return attempts
+
+
+def test_the_nodes_open_no_network_connection(tiny_models, no_network):
+    from tiny_models import ADAPTERS
+    from tiny_segmenters import GROUNDING_DINO_FILE, SAM2_PT_FILE
+
+    import motion_dials.nodes.subject_mask as subject_mask
+    from motion_dials.nodes.edg import EDGMerge
+    from motion_dials.nodes.miva import MIVAApply, MIVALoader, _load_cached
+
+    for cache in (subject_mask._load_dino, subject_mask._load_sam2, _load_cached):
+        cache.cache_clear()  # so the files are read here, under the guard
+    dino = subject_mask.GroundingDINOLoader.execute(GROUNDING_DINO_FILE, "cpu", "fp32").result[0]
+    sam = subject_mask.SAM2Loader.execute(SAM2_PT_FILE, "cpu", "fp32").result[0]
+    mask = SubjectMask.execute(torch.rand(1, 40, 56, 3), dino, sam, "horse", 0.0, 0.25, "best box").result[0]
+    model = load_tiny("wan2.1_i2v")
+    stack = MIVALoader.execute(ADAPTERS[0].file_name, 1.0, None, None, mask).result[0]
+    patched = DyMoSMotionSlider.execute(MIVAApply.execute(load_tiny("wan2.1_t2v"), stack).result[0], 1.0, 1.0,
+                                        "uniform", 1).result[0]
+    sample_tiny("wan2.1_t2v", patched, 1)
+    merged = EDGMerge.execute(model, load_tiny("wan2.1_i2v"), 0.25, 0.75, 1.0, 0.25, 0.7, 0)
+    sample_tiny("wan2.1_i2v", merged.result[0], 1)
+    assert no_network == []
 
 
 # ----------------------------------------------------------------------------------- through a real server

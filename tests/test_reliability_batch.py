@@ -55,8 +55,9 @@ class FakeComfy:
     """
 
     def __init__(self, items=None, *, answers=None, noise=(), view=served_bytes, hold=1, ready=lambda: True,
-                 finish=None):
+                 finish=None, object_info=None):
         self.items = items or [item("ComfyUI_00001_.png")]
+        self.object_info = object_info or {}
         self.answers, self.noise, self.view = answers or {}, noise, view
         self.hold, self.ready, self.finish = hold, ready, finish
         self.prompt_ids: list[str] = []
@@ -153,7 +154,7 @@ class FakeComfy:
         return web.Response()
 
     async def _object_info(self, request):
-        return web.json_response({})
+        return web.json_response(self.object_info)
 
     async def _upload(self, request):
         form = await request.post()
@@ -417,3 +418,26 @@ def test_a_write_fault_takes_the_batch_off_every_server(workflow_file, tmp_path)
     for server, queued in ((faulting, faulting.prompt_ids[1:]), (other, sorted(other.prompt_ids))):
         assert server.posted == [("/queue", {"delete": queued}),
                                  *(("/interrupt", {"prompt_id": prompt_id}) for prompt_id in queued)]
+
+
+@pytest.mark.parametrize("damage", ["{not json", "[1, 2]", '{"jobs": [{"no id": 1}]}', '{"jobs": 5}'])
+def test_a_damaged_manifest_is_one_line_naming_it_before_any_server_is_asked(workflow_file, tmp_path, damage):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "manifest.json").write_text(damage)
+    finished = run_batch(workflow_file, output, [], "--server", "http://127.0.0.1:9")  # nothing listens there
+    assert finished.returncode == 2
+    (line,) = finished.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "manifest.json is damaged" in line and "start this batch over" in line
+    assert (output / "manifest.json").read_text() == damage, "left as it was"
+
+
+def test_a_ui_workflow_the_servers_object_info_cannot_convert_is_one_line(tmp_path):
+    ui = {"nodes": [{"id": 1, "type": "KSampler", "mode": 0, "inputs": [], "widgets_values": [1, 2]}], "links": []}
+    workflow = tmp_path / "ui.json"
+    workflow.write_text(json.dumps(ui))
+    with FakeComfy(object_info={"KSampler": {"input": 5}}) as server:
+        finished = run_batch(workflow, tmp_path / "out", [server])
+    assert finished.returncode == 2
+    (line,) = finished.stderr.strip().splitlines()
+    assert line.startswith("error: cannot convert ui.json with the server's /object_info"), line
