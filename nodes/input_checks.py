@@ -34,7 +34,7 @@ class MotionDialsNode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, **values) -> bool | str:
-        problems = input_problems(cls, values) + cls.extra_problems(values)
+        problems = cls.input_problems(values)
         return "; ".join(problems) if problems else True
 
     @classmethod
@@ -45,14 +45,23 @@ class MotionDialsNode(io.ComfyNode):
     @classmethod
     def check_inputs(cls, **values) -> None:
         """Raise ValueError naming the node and input for a value that came through a link and is out of bounds."""
-        problems = input_problems(cls, values) + cls.extra_problems(values)
+        problems = cls.input_problems(values)
         if problems:
             raise ValueError("; ".join(problems))
 
+    @classmethod
+    def input_problems(cls, values: dict) -> list[str]:
+        return schema_problems(cls, values) + cls.extra_problems(values)
 
-def node_title(cls) -> str:
-    schema = cls.define_schema()
+
+def title_of(schema: io.Schema) -> str:
     return schema.display_name or schema.node_id
+
+
+def _boolean_problem(value) -> str | None:
+    if type(value) is bool:
+        return None
+    return f"is {value!r}; it takes true or false (a JSON boolean, not a string or a number)"
 
 
 def _number(value: float | int) -> str:
@@ -94,14 +103,14 @@ def _choice_problem(spec, value) -> str | None:
     return f"{value!r} is not one of its choices ({shown or 'none'}{more}); pick one from the list"
 
 
-def _file_problem(folder: str, value) -> str | None:
-    """A model file name: plain, listed by ComfyUI, and inside one of the folder's registered folders (a link out
-    of them is refused: register the folder it points to instead)."""
+def _file_problem(folder: str, listed: list[str], value) -> str | None:
+    """A model file name: plain, ``listed`` by ComfyUI, and inside one of the folder's registered folders (a link
+    out of them is refused: register the folder it points to instead)."""
     if not isinstance(value, str) or not is_plain_name(value):
         return (f"{value!r} is not a file name inside models/{folder}/ (no '..', no absolute path); pick a file "
                 "from the list")
     path = folder_paths.get_full_path(folder, value)
-    if path is None or value not in folder_paths.get_filename_list(folder):
+    if path is None or value not in listed:
         return (f"{value!r} is not a file in {searched_folders(folder)}; put it there and refresh the page, or pick "
                 "one from the list")
     real = Path(os.path.realpath(path))
@@ -112,11 +121,10 @@ def _file_problem(folder: str, value) -> str | None:
     return None
 
 
-def input_problems(cls, values: dict) -> list[str]:
+def schema_problems(cls, values: dict) -> list[str]:
     """What is wrong with the given widget values of node ``cls``, one sentence each naming node and input.
     Values not given, and None (a link, whose value is not known yet), are not checked."""
     schema = cls.define_schema()
-    title = schema.display_name or schema.node_id
     problems = []
     for spec in schema.inputs:
         value = values.get(spec.id)
@@ -125,19 +133,19 @@ def input_problems(cls, values: dict) -> list[str]:
         if isinstance(spec, (io.Float.Input, io.Int.Input)):
             problem = _number_problem(spec, value)
         elif isinstance(spec, io.Boolean.Input):
-            problem = None if type(value) is bool else (f"is {value!r}; it takes true or false (a JSON boolean, "
-                                                         "not a string or a number)")
+            problem = _boolean_problem(value)
         elif isinstance(spec, io.Combo.Input):
             folder = cls.model_file_inputs.get(spec.id)
+            listed = [] if folder is None else folder_paths.get_filename_list(folder)
             # a choice that is no file of the folder ("None" in MIVA Stack) is checked as a plain choice
-            if folder is None or (value in spec.options and value not in folder_paths.get_filename_list(folder)):
+            if folder is None or (value in spec.options and value not in listed):
                 problem = _choice_problem(spec, value)
             else:
-                problem = _file_problem(folder, value) or _choice_problem(spec, value)
+                problem = _file_problem(folder, listed, value) or _choice_problem(spec, value)
         else:
             continue
         if problem:
-            problems.append(f"{title}: {spec.id} {problem}.")
+            problems.append(f"{title_of(schema)}: {spec.id} {problem}.")
     return problems
 
 
@@ -166,23 +174,28 @@ def mark_non_booleans(node_classes: dict[str, type], json_data: dict) -> dict:
         inputs = node.get("inputs") if cls is not None else None
         if not isinstance(inputs, dict):
             continue
-        for spec in cls.define_schema().inputs:
+        schema = cls.define_schema()
+        for spec in schema.inputs:
             value = inputs.get(spec.id)
-            if isinstance(spec, io.Boolean.Input) and value is not None and type(value) is not bool \
-                    and not isinstance(value, list):
-                inputs[spec.id] = NotABoolean(value, f"{node_title(cls)}: {spec.id} is {value!r}; it takes true or "
-                                              "false (a JSON boolean, not a string or a number).")
+            problem = _boolean_problem(value) if isinstance(spec, io.Boolean.Input) and value is not None \
+                and not isinstance(value, list) else None
+            if problem:
+                inputs[spec.id] = NotABoolean(value, f"{title_of(schema)}: {spec.id} {problem}.")
     return json_data
 
 
-def install_prompt_handler(node_classes) -> None:
-    """Mark non-boolean BOOLEAN values of ``node_classes`` in every prompt the server is sent (no server, as when
-    the pack is imported by a script: nothing to do)."""
+def _prompt_server():
+    """ComfyUI's running server, or None (the pack imported by a script or a test)."""
     try:
         from server import PromptServer
     except ImportError:
-        return
-    server = getattr(PromptServer, "instance", None)
+        return None
+    return getattr(PromptServer, "instance", None)
+
+
+def install_prompt_handler(node_classes) -> None:
+    """Mark non-boolean BOOLEAN values of ``node_classes`` in every prompt the server is sent."""
+    server = _prompt_server()
     if server is None or getattr(server, "motion_dials_prompt_handler", False):
         return
     by_id = {cls.define_schema().node_id: cls for cls in node_classes}
@@ -194,14 +207,8 @@ def warn_on_node(node_id: str | None, message: str) -> None:
     """A value that leaves a dial without effect, found at run time: in the log, and as text on the node in the
     web UI (where the run came from a server and the node's id is known)."""
     log.warning("%s", message)
-    if node_id is None:
-        return
-    try:
-        from server import PromptServer
-    except ImportError:
-        return
-    server = getattr(PromptServer, "instance", None)
-    if server is not None:
+    server = _prompt_server()
+    if node_id is not None and server is not None:
         server.send_progress_text(f"WARNING: {message}", node_id)
 
 

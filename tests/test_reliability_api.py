@@ -25,6 +25,7 @@ from motion_dials.nodes import NODES
 from motion_dials.nodes.diagnostics import AttentionInspector
 from motion_dials.nodes.dymos import DyMoSMotionSlider
 from motion_dials.nodes.image_to_video import MIVAImageToVideoLatent
+from motion_dials.nodes.input_checks import title_of
 from motion_dials.nodes.motion_score import MotionScore
 from motion_dials.nodes.subject_mask import SubjectMask
 
@@ -37,8 +38,7 @@ def schema_inputs(kind):
 
 
 def title(cls) -> str:
-    schema = cls.define_schema()
-    return schema.display_name or schema.node_id
+    return title_of(cls.define_schema())
 
 
 def test_every_node_accepts_its_own_defaults(tiny_models):
