@@ -252,20 +252,37 @@ class Adapter:
         ))
 
 
+def _read_header(handle, source: str) -> AdapterInfo:
+    """The adapter's info, its tensors' sizes checked against it from the file's header (nothing read yet)."""
+    info = AdapterInfo.from_metadata(handle.metadata(), source)
+    check_shapes(info, {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}, source)
+    return info
+
+
+def _damaged(source: str, error: Exception) -> AdapterFormatError:
+    return AdapterFormatError(f"{source} cannot be read as safetensors ({error}); the file is damaged or incomplete: "
+                              "download or convert it again.")
+
+
+def read_adapter_info(path: str | Path, name: str | None = None) -> AdapterInfo:
+    """What an adapter file declares, checked against its header, without reading a tensor."""
+    source = name or Path(path).name
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return _read_header(handle, source)
+    except (SafetensorError, OSError) as error:
+        raise _damaged(source, error) from None
+
+
 def load_adapter(path: str | Path, name: str | None = None) -> Adapter:
     """Read and check an adapter file of our format; AdapterFormatError names what is wrong."""
     source = name or Path(path).name
     try:
         with safe_open(str(path), framework="pt") as handle:
-            info = AdapterInfo.from_metadata(handle.metadata(), source)
-            # sizes from the header only, so nothing is read before the file is known to fit its metadata
-            check_shapes(info, {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}, source)
+            info = _read_header(handle, source)
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError) as error:
-        raise AdapterFormatError(
-            f"{source} cannot be read as safetensors ({error}); the file is damaged or incomplete: download or "
-            "convert it again."
-        ) from None
+        raise _damaged(source, error) from None
     return Adapter.from_tensors(source, info, tensors)
 
 

@@ -23,6 +23,7 @@ from comfy_api.latest import io, ui
 from ..models.mask_attention import BACKGROUND, region_groups, region_map, score_groups
 from ..models.miva import (
     Adapter,
+    AdapterInfo,
     BlockAdapter,
     CrossFrameBias,
     ReferenceFrames,
@@ -31,6 +32,7 @@ from ..models.miva import (
     cross_frame_residual,
     implicit_prompt,
     load_adapter,
+    read_adapter_info,
     read_training_output,
     save_adapter,
 )
@@ -121,19 +123,18 @@ def describe(adapter: Adapter) -> str:
     return f"{adapter.name}\n" + "\n".join(parts)
 
 
-def check_fits(adapter: Adapter, model) -> None:
-    """Raise a clear error unless the adapter was made for this model's family and sizes."""
+def check_fits(name: str, info: AdapterInfo, model) -> None:
+    """Raise a clear error unless the adapter ``name`` was made for this model's family and sizes."""
     family = detect_family(model)
     diffusion_model = model.get_model_object("diffusion_model")
-    info = adapter.info
     if family is not WAN or not info.family.startswith("wan"):
-        raise ValueError(f"MIVA adapter {adapter.name} ({info.base}) needs a Wan model; this model is {family.name}. "
+        raise ValueError(f"MIVA adapter {name} ({info.base}) needs a Wan model; this model is {family.name}. "
                          "MIVA adapters are trained on Wan 2.1 T2V: load one with 'Load Diffusion Model'.")
     found = (diffusion_model.dim, diffusion_model.num_heads, len(diffusion_model.blocks))
     expected = (info.dim, info.heads, info.blocks)
     if found != expected:
         raise ValueError(
-            f"MIVA adapter {adapter.name} was made for {info.base} (width {info.dim}, {info.heads} heads, "
+            f"MIVA adapter {name} was made for {info.base} (width {info.dim}, {info.heads} heads, "
             f"{info.blocks} blocks), but this model has width {found[0]}, {found[1]} heads, {found[2]} blocks. "
             f"Load the {info.base} model, or an adapter made for this one."
         )
@@ -265,7 +266,7 @@ def apply_stack(model, stack: tuple[StackRow, ...]):
     """A clone of ``model`` with the stack's acting rows; the model itself when none acts."""
     rows = tuple(row for row in stack if row.acts)
     for row in rows:
-        check_fits(row.adapter, model)
+        check_fits(row.adapter.name, row.adapter.info, model)
     if not rows:
         return model
     return apply_effect(model, MivaEffect(rows))
@@ -311,9 +312,9 @@ class MIVALoader(MotionDialsNode):
     @classmethod
     def execute(cls, adapter_name, weight, stack=None, model=None, subject_mask=None) -> io.NodeOutput:
         cls.check_inputs(adapter_name=adapter_name, weight=weight)
+        if model is not None:  # before the adapter's tensors are read
+            check_fits(adapter_name, read_adapter_info(resolve_model_file(adapter_name), adapter_name), model)
         adapter = load_named_adapter(adapter_name)
-        if model is not None:
-            check_fits(adapter, model)
         mask = None if subject_mask is None else first_mask(subject_mask)
         rows = tuple(stack or ()) + (StackRow(adapter, weight, True, mask),)
         text = describe(adapter)

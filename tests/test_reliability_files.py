@@ -15,10 +15,12 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import save_file
+from sampling import load_tiny
 from test_miva import authors_layout
 from tiny_models import ADAPTERS, adapter_info, random_adapter_tensors
 from tiny_segmenters import BERT_FOLDER, GROUNDING_DINO_FILE, SAM2_PT_FILE, SAM2_SAFETENSORS_FILE
 
+import motion_dials.nodes.miva as miva_nodes
 from motion_dials.models import segmentation
 from motion_dials.models.miva import AdapterFormatError, load_adapter, save_adapter
 from motion_dials.models.segmentation import ModelFileError
@@ -373,3 +375,16 @@ def test_miva_convert_keeps_an_existing_adapter_unless_overwrite_is_on(tiny_mode
     finally:
         source.unlink(missing_ok=True)
         target.unlink(missing_ok=True)
+
+
+def test_miva_loader_checks_the_adapter_against_its_model_before_reading_a_tensor(tiny_models, monkeypatch):
+    info = adapter_info(ADAPTERS[0], dim=512, heads=4)
+    path = tiny_models / "miva" / "reliability_too_wide.safetensors"
+    save_adapter(path, info, random_adapter_tensors(info, 2))
+    monkeypatch.setattr(miva_nodes, "load_adapter", lambda *args: pytest.fail("the tensors were read"))
+    miva_nodes._load_cached.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="reliability_too_wide.safetensors was made for .*width 512, 4 heads"):
+            miva_nodes.MIVALoader.execute(path.name, 1.0, None, load_tiny("wan2.1_t2v"))
+    finally:
+        path.unlink()
