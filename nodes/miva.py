@@ -2,9 +2,12 @@
 
 Adapters live in ComfyUI's ``models/miva/`` folder (``extra_model_paths.yaml`` may add others under the
 key ``miva``). A stack is an ordered tuple of rows (adapter, weight, on/off); the order is the one M-MIVA's
-masks will follow. MIVA Apply turns the enabled, non-zero rows into one effect on a clone of the model:
-per block, the base's keys and values (taken from its own self-attention call), the frame gathering,
-the self-attention input and the base query projection are computed once for every adapter of the stack.
+masks will follow. MIVA Apply turns the enabled, non-zero rows into one effect on a clone of the model,
+wired into each Wan block as the authors' code does (``models/miva.py``): the cross-frame attention on the
+stream after the self-attention, its output joining the stream before the cross-attention; the implicit
+prompt in place of the whole cross-attention module. Per block, the keys and values (the block's own k, v and
+norm_k on that stream), their frame gathering and the block's query projection are computed once for every
+adapter of the stack, as is the implicit prompts' frozen query.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from pathlib import Path
 import comfy.utils
 import folder_paths
 import torch
-from comfy.ldm.flux.math import apply_rope1
 from comfy.ldm.wan.model import sinusoidal_embedding_1d
 from comfy_api.latest import io, ui
 
@@ -28,8 +30,9 @@ from ..models.miva import (
     CrossFrameBias,
     ReferenceFrames,
     convert_authors_layout,
+    cross_frame_attention,
     cross_frame_bias,
-    cross_frame_residual,
+    describe_ranks,
     implicit_prompt,
     load_adapter,
     read_adapter_info,
@@ -116,10 +119,11 @@ def first_mask(mask: torch.Tensor) -> torch.Tensor:
 
 def describe(adapter: Adapter) -> str:
     info = adapter.info
-    parts = [f"motion: {info.motion}", f"subject: {info.subject}", f"base: {info.base}",
-             f"cfa rank {info.cfa_rank}, prompt rank {info.prompt_rank or 'none'}"]
+    parts = [f"motion: {info.motion}", f"subject: {info.subject}", f"base: {info.base}", describe_ranks(info)]
     if info.mask_stream:
         parts.append("mask stream (M-MIVA)")
+    if info.details:
+        parts.append("trained: " + ", ".join(f"{key} {value}" for key, value in sorted(info.details.items())))
     return f"{adapter.name}\n" + "\n".join(parts)
 
 
@@ -179,11 +183,10 @@ class MivaEffect(MotionEffect):
     """The enabled, non-zero rows of a stack: cross-frame attention residuals and implicit-prompt MLPs, and with
     subject masks (M-MIVA) their attention biases."""
 
-    uses_self_attention = True
-
     def __init__(self, rows: tuple[StackRow, ...]):
         self.rows = rows
         self.prompt_rows = tuple(i for i, row in enumerate(rows) if row.adapter.info.prompt_rank)
+        self.replaces_cross_attention = bool(self.prompt_rows)
         self.masked = any(row.mask is not None for row in rows)
         self._blocks_on: dict = {}
         self._mask_plans: dict = {}
@@ -222,43 +225,39 @@ class MivaEffect(MotionEffect):
             forward.memo[key] = diffusion_model.time_embedding(sinusoid)
         return forward.memo[key]
 
-    def block_residual(self, ctx: BlockContext, block_input: torch.Tensor):
-        kept = ctx.self_attention
-        if kept is None or kept.layout is None:
-            return None
-        layout = kept.layout
-        start, end = layout.video_start, layout.video_end
-        heads = ctx.forward.diffusion_model.blocks[ctx.block_index].self_attn.num_heads
-        # The base's own self-attention input and query projection, which every adapter's query starts from.
-        x, base_query = kept.input[:, start:end], kept.query_projection[:, start:end]
-        frames = ReferenceFrames.gather(kept.keys[:, start:end], kept.values[:, start:end], layout.frames, heads)
-        freqs = ctx.inputs["freqs"][:, start:end]
-
-        def rope(query):
-            return apply_rope1(query.unflatten(-1, (heads, -1)), freqs).flatten(-2)
-
-        time_embedding = self._time_embedding(ctx, x.dtype)
-        plan = self._mask_plan(layout, x.device)
+    def residual_before_cross_attention(self, ctx: BlockContext, video: torch.Tensor):
+        layout = ctx.layout
+        attention = ctx.module.self_attn
+        weights = self._block_weights(ctx.block_index, video)
+        # Shared by every adapter: the block's own keys, values and query projection on this stream.
+        frames = ReferenceFrames.gather(attention.norm_k(attention.k(video)), attention.v(video), layout.frames,
+                                        attention.num_heads)
+        base_query = None if all(w.cfa.replaces_query for w in weights) else attention.q(video)
+        time_embedding = self._time_embedding(ctx, video.dtype)
+        plan = self._mask_plan(layout, video.device)
         residual = None
-        for i, (row, weights) in enumerate(zip(self.rows, self._block_weights(ctx.block_index, x), strict=True)):
+        for i, (row, block) in enumerate(zip(self.rows, weights, strict=True)):
             mask_bias = None if plan is None else plan.cross_frame[i]
-            part = cross_frame_residual(x, base_query, frames, time_embedding, weights.cfa, rope, mask_bias)
+            part = cross_frame_attention(video, base_query, frames, time_embedding, block.cfa, mask_bias)
             # part is a fresh tensor of this loop, so weighting and summing in place is safe.
             residual = part.mul_(row.weight) if residual is None else residual.add_(part, alpha=row.weight)
-        if (start, end) != (0, block_input.shape[1]):
-            padded = torch.zeros_like(block_input)
-            padded[:, start:end] = residual
-            residual = padded
         return residual
 
-    def replace_cross_attention(self, ctx: AttentionContext, q, k, v, heads, previous):
-        if not self.prompt_rows or ctx.kind is not AttentionKind.TEXT_CROSS:
+    def replace_cross_attention(self, ctx: BlockContext, normed_stream: torch.Tensor, module: torch.nn.Module):
+        if not self.prompt_rows:
             return None
-        weights = self._block_weights(ctx.block_index, q)
+        weights = self._block_weights(ctx.block_index, normed_stream)
         result = None
-        for i in self.prompt_rows:
-            part = implicit_prompt(q, weights[i].prompt) * self.rows[i].weight
-            result = part if result is None else result + part
+        for query_bias in sorted({self.rows[i].adapter.info.prompt_query_bias for i in self.prompt_rows}):
+            # The frozen query every implicit prompt of the stack shares: the base cross-attention's own.
+            projected = module.q(normed_stream)
+            if not query_bias:
+                projected = projected - module.q.bias.to(projected)
+            query = module.norm_q(projected)
+            for i in self.prompt_rows:
+                if self.rows[i].adapter.info.prompt_query_bias == query_bias:
+                    part = implicit_prompt(query, weights[i].prompt) * self.rows[i].weight
+                    result = part if result is None else result + part
         return result
 
 

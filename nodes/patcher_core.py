@@ -25,15 +25,23 @@ seeing the previous one's result; (2) attention-logit biases, all summed into
 one block-structured bias; (3) block residuals, added to the block output in
 effect order. Nothing here changes the model's weights or the input patcher.
 
-An effect that builds its residual from the base's own self-attention (MIVA's
-cross-frame attention) sets ``uses_self_attention``: for the calls it acts in,
-the core keeps each block's self-attention input, query projection (through
-forward hooks on the query Linear that live only as long as the call), keys and
-values, so no effect computes them a second time.
+An effect that acts between a block's self-attention and its cross-attention (MIVA's cross-frame attention)
+gives ``residual_before_cross_attention``: for the calls it acts in, a forward pre-hook on the module the family
+names (Wan: ``norm3``, whose input is that stream) adds it to the stream the cross-attention and the feed-forward
+see, and a forward hook adds it to the cross-attention's output, so that it stays in the residual stream: exact
+by construction on the host's own block. An effect that replaces the whole cross-attention module (MIVA's
+implicit prompt) sets ``replaces_cross_attention``: the clone then carries an object patch of that module in each
+block (ComfyUI restores the original when another clone runs), which asks the effects for its output and runs
+the original where none replaces it.
+
+``held_calls()`` keeps a model call's hooks until the context ends, for training with gradient checkpointing:
+the blocks recomputed during ``backward()`` then run the same patched forward.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 from collections.abc import Callable
@@ -48,7 +56,6 @@ from .families import (
     BlockRun,
     LayoutError,
     ModelFamily,
-    SelfAttentionTensors,
     TokenLayout,
     UnsupportedModelError,
     detect_family,
@@ -59,8 +66,8 @@ FORWARD_KEY = "motion_dials_forward"
 ATTENTION_SLOT = "optimized_attention_override"
 
 __all__ = ["AttentionContext", "AttentionKind", "BlockContext", "ForwardState", "LayoutError", "MotionDialsPatch",
-           "MotionEffect", "SelfAttentionTensors", "TokenLayout", "UnsupportedModelError", "apply_effect",
-           "detect_family", "effects_of", "sigma_before"]
+           "MotionEffect", "TokenLayout", "UnsupportedModelError", "apply_effect", "detect_family", "effects_of",
+           "held_calls", "sigma_before"]
 
 
 @dataclass
@@ -94,16 +101,18 @@ class MotionEffect:
         """Query groups with key-bias rows added to this call's logits, or None."""
         return None
 
-    def replace_cross_attention(self, ctx: AttentionContext, q, k, v, heads, previous) -> torch.Tensor | None:
-        """For text cross-attention: a replacement for ``previous`` (the output so far), or None."""
+    def residual_before_cross_attention(self, ctx: BlockContext, video: torch.Tensor) -> torch.Tensor | None:
+        """A tensor added to the block's video tokens ``video`` [B, N, C] of the residual stream after the
+        self-attention, before the cross-attention (which, with the feed-forward, sees it), or None."""
         return None
 
-    # True for an effect whose block_residual reads the block's video self-attention tensors
-    # (BlockContext.self_attention); the core then keeps them until the block ends.
-    uses_self_attention = False
+    # True for an effect whose replace_cross_attention may replace the whole cross-attention module.
+    replaces_cross_attention = False
 
-    def block_residual(self, ctx: BlockContext, block_input: torch.Tensor) -> torch.Tensor | None:
-        """A tensor added to the block's output (all its tokens), computed from its input, or None."""
+    def replace_cross_attention(self, ctx: BlockContext, normed_stream: torch.Tensor, module: torch.nn.Module
+                                ) -> torch.Tensor | None:
+        """The cross-attention module's whole output [B, L, C] for its input ``normed_stream`` (the host's
+        ``module`` at hand for its frozen weights), or None to leave it. Replacements of several effects add up."""
         return None
 
     def observe_attention(self, ctx: AttentionContext, q, k, heads, groups: list[QueryGroup], attention_kwargs):
@@ -117,7 +126,8 @@ class BlockContext:
     block_type: str
     forward: ForwardState
     inputs: dict  # the block's arguments by name (Wan: x, e, freqs, context, context_img_len, transformer_options)
-    self_attention: SelfAttentionTensors | None
+    layout: TokenLayout  # where the video tokens sit in the block's stream
+    module: torch.nn.Module
 
 
 def sigma_before(sigma, threshold: float):
@@ -143,7 +153,7 @@ class ForwardState:
     block: BlockRun | None = None  # the block running now
     effects: tuple[MotionEffect, ...] = ()  # those active in this call, in order
     observers: tuple[MotionEffect, ...] = ()
-    keep_self_attention: bool = False
+    stream_effects: tuple[MotionEffect, ...] = ()  # those with a residual before the cross-attention
     # The attention function the effects' attention goes through: an override set before or after ours, or None
     # for ComfyUI's own.
     previous_override: Callable | None = None
@@ -155,7 +165,8 @@ class ForwardState:
         """Keep the patch's effects that act in this call; False if none does."""
         self.effects = tuple(effect for effect in patch.effects if effect.active_in(self))
         self.observers = tuple(effect for effect in self.effects if effect in patch.observers)
-        self.keep_self_attention = any(effect.uses_self_attention for effect in self.effects)
+        self.stream_effects = tuple(effect for effect in self.effects if type(effect).residual_before_cross_attention
+                                    is not MotionEffect.residual_before_cross_attention)
         return bool(self.effects)
 
     def before_percent(self, percent: float) -> bool:
@@ -227,17 +238,42 @@ def _apply_model_wrapper(executor, *args, **kwargs):
     state.previous_override = _take_attention_slot(patch, transformer_options)
     transformer_options[FORWARD_KEY] = state
     hooks = _watch_blocks(state) + patch.family.call_hooks(state)
-    if state.keep_self_attention:
-        hooks += _watch_self_attention_queries(state)
-    try:
-        return executor(*args, **kwargs)
-    finally:
+
+    def end_call():
         transformer_options.pop(FORWARD_KEY, None)
         if state.block is not None:  # a block that raised: its probes are still in place
-            hooks += state.block.probe_hooks
+            hooks.extend(state.block.probe_hooks)
             state.block = None
         for hook in hooks:
             hook.remove()
+
+    held = _HELD_CALLS.get()
+    if held is None:
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            end_call()
+    if held:
+        end_call()
+        raise RuntimeError("Motion Dials: held_calls() holds one model call at a time; open one per training step.")
+    held.append(end_call)
+    return executor(*args, **kwargs)
+
+
+_HELD_CALLS: contextvars.ContextVar[list | None] = contextvars.ContextVar("motion_dials_held_calls", default=None)
+
+
+@contextlib.contextmanager
+def held_calls():
+    """Keep the hooks and state of the model call made inside until the context ends (see the module's text)."""
+    held: list = []
+    token = _HELD_CALLS.set(held)
+    try:
+        yield
+    finally:
+        _HELD_CALLS.reset(token)
+        for end_call in held:
+            end_call()
 
 
 def _take_attention_slot(patch: MotionDialsPatch, transformer_options: dict) -> Callable | None:
@@ -260,47 +296,96 @@ def _take_attention_slot(patch: MotionDialsPatch, transformer_options: dict) -> 
 
 def _watch_blocks(state: ForwardState) -> list:
     """Forward hooks on every block of the model, for this model call only (the modules are shared by every clone
-    of the model): before a block, its family lays out the block's tokens; after it, the effects' residuals."""
+    of the model): before a block, its family lays out the block's tokens; inside it, the effects' residuals
+    before the cross-attention."""
     family = state.family
 
     def hooks_for(block_type: str, index: int, module: torch.nn.Module) -> list:
         def enter(_module, args, kwargs):
-            run = family.enter_block(state, block_type, index, module, args, kwargs)
-            if state.keep_self_attention:
-                run.self_attention = SelfAttentionTensors()
-            state.block = run
+            state.block = family.enter_block(state, block_type, index, module, args, kwargs)
 
         def leave(_module, args, kwargs, output):
             run, state.block = state.block, None
             for hook in run.probe_hooks:
                 hook.remove()
-            context = BlockContext(family, index, block_type, state, run.inputs, run.self_attention)
-            for effect in state.effects:
-                residual = effect.block_residual(context, run.stream)
-                if residual is not None:
-                    output = family.add_to_stream(output, residual)
             return output
 
-        # The residuals belong to the block's output, as any other hook on the block sees it: ours runs first.
-        return [module.register_forward_pre_hook(enter, with_kwargs=True),
-                module.register_forward_hook(leave, with_kwargs=True, prepend=True)]
+        hooks = [module.register_forward_pre_hook(enter, with_kwargs=True),
+                 module.register_forward_hook(leave, with_kwargs=True, prepend=True)]
+        if state.stream_effects:
+            hooks += _watch_stream(state, module)
+        return hooks
 
     return [hook for block in family.blocks(state.diffusion_model) for hook in hooks_for(*block)]
 
 
-def _watch_self_attention_queries(state: ForwardState) -> list:
-    """Forward hooks, for this model call only, that keep each block's self-attention input and query projection."""
-    path = state.family.self_attention_query
-    if not path:
-        return []
+def block_context(state: ForwardState) -> BlockContext:
+    """What an effect may ask about the block running now."""
+    run = state.block
+    tokens = run.stream.shape[1]
+    layout = state.family.layout(state, run, tokens, tokens, run.video_start)
+    return BlockContext(state.family, run.index, run.block_type, state, run.inputs, layout, run.module)
 
-    def keep(module, inputs, output):
-        kept = state.block.self_attention if state.block is not None else None
-        if kept is not None:
-            kept.input, kept.query_projection = inputs[0], output
 
-    return [module.get_submodule(path).register_forward_hook(keep)
-            for _, _, module in state.family.blocks(state.diffusion_model)]
+def _watch_stream(state: ForwardState, block: torch.nn.Module) -> list:
+    """The effects' residuals joining the stream between the block's self-attention and cross-attention."""
+    family = state.family
+
+    def before_cross_attention(_module, args):
+        run = state.block
+        stream = args[0]
+        ctx = block_context(state)
+        start, end = ctx.layout.video_start, ctx.layout.video_end
+        residual = None
+        for effect in state.stream_effects:
+            part = effect.residual_before_cross_attention(ctx, stream[:, start:end])
+            if part is not None:
+                residual = part if residual is None else residual + part
+        if residual is None:
+            return None
+        if (start, end) != (0, stream.shape[1]):
+            padded = torch.zeros_like(stream)
+            padded[:, start:end] = residual
+            residual = padded
+        run.stream_residual = residual
+        return (stream + residual, *args[1:])
+
+    def after_cross_attention(_module, args, output):
+        run = state.block
+        if run is None or run.stream_residual is None:
+            return output
+        residual, run.stream_residual = run.stream_residual, None
+        return output + residual
+
+    return [block.get_submodule(family.stream_before_cross_attention).register_forward_pre_hook(
+                before_cross_attention),
+            block.get_submodule(family.cross_attention).register_forward_hook(after_cross_attention)]
+
+
+class CrossAttentionReplacement(torch.nn.Module):
+    """The object patch of one block's cross-attention module on a clone whose effects may replace it. It holds
+    the original's own parameters and submodules (so weight patches, casting and state dicts see the same names)
+    and runs the original wherever no effect replaces it."""
+
+    def __init__(self, original: torch.nn.Module):
+        super().__init__()
+        object.__setattr__(self, "original", original)  # not a child: its children are this module's already
+        self._parameters, self._buffers, self._modules = original._parameters, original._buffers, original._modules
+
+    def forward(self, x, *args, **kwargs):
+        transformer_options = kwargs.get("transformer_options") or {}
+        state: ForwardState | None = transformer_options.get(FORWARD_KEY)
+        if state is not None and state.block is not None:
+            ctx = block_context(state)
+            replaced = None
+            for effect in state.effects:
+                if effect.replaces_cross_attention:
+                    part = effect.replace_cross_attention(ctx, x, self.original)
+                    if part is not None:
+                        replaced = part if replaced is None else replaced + part
+            if replaced is not None:
+                return replaced
+        return self.original(x, *args, **kwargs)
 
 
 def _attention_override(func, *args, **kwargs):
@@ -325,17 +410,6 @@ def _effects_attention(state: ForwardState, attend: Callable, *args, **kwargs):
     ctx = state.classify(q, k, v, kwargs.get("skip_reshape", False))
     if ctx is None:
         return attend(q, k, v, heads, *args[4:], **kwargs)
-    kept = state.block.self_attention
-    if ctx.kind is AttentionKind.VIDEO_SELF and kept is not None:
-        kept.keys, kept.values, kept.layout = k, v, ctx.layout
-
-    if ctx.kind is AttentionKind.TEXT_CROSS:
-        replaced = None
-        for effect in state.effects:
-            result = effect.replace_cross_attention(ctx, q, k, v, heads, replaced)
-            replaced = result if result is not None else replaced
-        if replaced is not None:
-            return replaced
 
     groups = None
     for effect in state.effects:
@@ -367,7 +441,21 @@ def apply_effect(model, effect: MotionEffect):
         patch = MotionDialsPatch(family, existing.effects + (effect,), previous)
     transformer_options[PATCH_KEY] = patch
     transformer_options[ATTENTION_SLOT] = _attention_override
+    if effect.replaces_cross_attention:
+        _patch_cross_attention(patched, family)
     return patched
+
+
+def _patch_cross_attention(patched, family: ModelFamily) -> None:
+    """Object patches of every block's cross-attention module (once per clone lineage)."""
+    if not family.cross_attention:
+        raise UnsupportedModelError(f"Motion Dials cannot replace the cross-attention of {family.name} models.")
+    diffusion_model = patched.get_model_object("diffusion_model")
+    for block_type, index, _ in family.blocks(diffusion_model):
+        key = f"diffusion_model.{family.block_path(block_type, index)}.{family.cross_attention}"
+        current = patched.get_model_object(key)
+        if not isinstance(current, CrossAttentionReplacement):
+            patched.add_object_patch(key, CrossAttentionReplacement(current))
 
 
 def effects_of(model) -> tuple[MotionEffect, ...]:

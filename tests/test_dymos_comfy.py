@@ -61,40 +61,50 @@ def test_zero_strength_returns_the_model_untouched(case):
 
 
 class ConstantResidual(MotionEffect):
-    """A stand-in for MIVA's cross-frame attention: adds ``value`` to every block output."""
+    """A stand-in for MIVA's cross-frame attention: adds ``value`` to the stream before the cross-attention."""
 
     def __init__(self, value):
         self.value = value
         self.blocks_seen = []
 
-    def block_residual(self, ctx, block_input):
-        self.blocks_seen.append((ctx.block_type, ctx.block_index))
-        return torch.full_like(block_input, self.value)
+    def residual_before_cross_attention(self, ctx, video):
+        self.blocks_seen.append((ctx.block_type, ctx.block_index, ctx.layout.frames))
+        return torch.full_like(video, self.value)
 
 
-class TextCrossReplacement(MotionEffect):
-    """A stand-in for MIVA's implicit prompt: replaces the text cross-attention by a function of q."""
+class CrossAttentionReplacement(MotionEffect):
+    """A stand-in for MIVA's implicit prompt: replaces the whole text cross-attention module by zeros."""
+
+    replaces_cross_attention = True
 
     def __init__(self):
         self.calls = 0
 
-    def replace_cross_attention(self, ctx, q, k, v, heads, previous):
+    def replace_cross_attention(self, ctx, normed_stream, module):
         self.calls += 1
-        return torch.zeros_like(q) if previous is None else previous
+        return torch.zeros_like(normed_stream)
 
 
-def test_block_residual_and_cross_attention_replacement_plumbing(tiny_models):
-    """The core's other two effect kinds reach the model: a zero residual changes nothing, others do."""
+def test_stream_residual_and_cross_attention_replacement_plumbing(tiny_models):
+    """The core's other two effect kinds reach the model: a zero residual changes nothing, others do; the
+    replacement is an object patch of the clone only, and its state dict keeps the model's names."""
     model = load_tiny("wan2.1_t2v")
     unpatched = sample_tiny("wan2.1_t2v", model, 2)
     zero = ConstantResidual(0.0)
     assert torch.equal(sample_tiny("wan2.1_t2v", apply_effect(model, zero), 2), unpatched)
-    assert sorted(set(zero.blocks_seen)) == [("double_block", 0), ("double_block", 1)]
+    assert sorted(set(zero.blocks_seen)) == [("double_block", 0, 3), ("double_block", 1, 3)]
     assert not torch.equal(sample_tiny("wan2.1_t2v", apply_effect(model, ConstantResidual(0.05)), 2), unpatched)
 
-    replacement = TextCrossReplacement()
-    replaced = sample_tiny("wan2.1_t2v", apply_effect(slider(model), replacement), 2)
-    assert replacement.calls > 0 and not torch.equal(replaced, unpatched)
+    replacement = CrossAttentionReplacement()
+    replaced_model = apply_effect(slider(model), replacement)
+    keys_before = set(model.model.diffusion_model.state_dict())
+    replaced = sample_tiny("wan2.1_t2v", replaced_model, 2)
+    assert replacement.calls == 2 * 2 and not torch.equal(replaced, unpatched)
+    assert set(replaced_model.object_patches) >= {"diffusion_model.blocks.0.cross_attn",
+                                                  "diffusion_model.blocks.1.cross_attn"}
+    assert not model.object_patches
+    assert set(model.model.diffusion_model.state_dict()) == keys_before
+    assert torch.equal(sample_tiny("wan2.1_t2v", model, 2), unpatched)  # the original module is back
 
 
 def test_effects_stack_on_one_patch_and_clones_stay_independent(tiny_models):

@@ -247,21 +247,23 @@ ADAPTERS = (
     TinyAdapter("miva_wan2.1_t2v_1.3b_horse_running.safetensors", "horse running", "horse", 16, 31),
     TinyAdapter("miva_wan2.1_t2v_1.3b_waterfall.safetensors", "waterfall", "waterfall", 0, 32),
 )
-ADAPTER_CFA_RANK = 8
+ADAPTER_RANK = 8  # the cross-frame attention's query change and output projection
 
 
 def adapter_info(adapter: TinyAdapter, **changes):
     from motion_dials.models.miva import AdapterInfo
 
     fields = dict(base="wan2.1-t2v-1.3b", motion=adapter.motion, subject=adapter.subject, dim=WIDTH,
-                  heads=WIDTH // 128, blocks=BLOCKS, cfa_rank=ADAPTER_CFA_RANK, prompt_rank=adapter.prompt_rank,
+                  heads=WIDTH // 128, blocks=BLOCKS, query_rank=ADAPTER_RANK, output_rank=ADAPTER_RANK,
+                  output_bias=False, prompt_rank=adapter.prompt_rank, prompt_bias=bool(adapter.prompt_rank),
+                  prompt_query_bias=bool(adapter.prompt_rank),
                   mask_stream=False)
     return AdapterInfo(**{**fields, **changes})
 
 
 def random_adapter_tensors(info, seed: int, zero_outputs: bool = False) -> dict:
     """Every tensor of the format: RMSNorm/LayerNorm gains one, the rest N(0, 0.1) (norm biases too), drawn in
-    name order; ``zero_outputs`` zeroes the output projections (cfa.o.up, prompt.up), as training starts."""
+    name order; ``zero_outputs`` zeroes the output projections (cfa.o, prompt.up), as training starts."""
     import torch
 
     from motion_dials.models.miva import expected_shapes
@@ -271,7 +273,7 @@ def random_adapter_tensors(info, seed: int, zero_outputs: bool = False) -> dict:
     for name, shape in sorted(expected_shapes(info).items()):
         if name.endswith(("norm_q", "norm.weight")):
             value = torch.ones(shape)
-        elif zero_outputs and (name.endswith(".o.up") or ".prompt.up." in name):
+        elif zero_outputs and (".cfa.o." in name or ".prompt.up." in name):
             value = torch.zeros(shape)
         else:
             value = torch.randn(shape, generator=generator) * 0.1

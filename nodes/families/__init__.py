@@ -16,7 +16,6 @@ from .base import (
     BlockRun,
     LayoutError,
     ModelFamily,
-    SelfAttentionTensors,
     TokenLayout,
     UnsupportedModelError,
 )
@@ -53,5 +52,5 @@ def detect_family(model) -> ModelFamily:
     )
 
 
-__all__ = ["AttentionKind", "BlockRun", "FAMILIES", "LayoutError", "ModelFamily", "SelfAttentionTensors",
+__all__ = ["AttentionKind", "BlockRun", "FAMILIES", "LayoutError", "ModelFamily",
            "TokenLayout", "UnsupportedModelError", "detect_family", "supported_families"]

@@ -56,17 +56,6 @@ class TokenLayout:
 
 
 @dataclass
-class SelfAttentionTensors:
-    """What the base computed in one block's video self-attention, [B, N, d] each, for effects that reuse it."""
-
-    input: torch.Tensor | None = None  # the self-attention's input (Wan: the modulated norm1 of the block input)
-    query_projection: torch.Tensor | None = None  # W_q input + b_q, before the query norm and RoPE
-    keys: torch.Tensor | None = None  # as attention sees them (normalised, rotated)
-    values: torch.Tensor | None = None
-    layout: TokenLayout | None = None
-
-
-@dataclass
 class BlockRun:
     """One block's run inside a model call, as its family reads it from the block's arguments."""
 
@@ -79,7 +68,8 @@ class BlockRun:
     text_tokens: int = 0  # joint families: the text tokens beside the stream in the block's attention
     image_tokens: int | None = None  # image-conditioning tokens of an image cross-attention, where there is one
     attention_calls: int = 0
-    self_attention: SelfAttentionTensors | None = None
+    # what an effect added to the stream before the cross-attention, added again to that module's output
+    stream_residual: torch.Tensor | None = None
     probe: dict = field(default_factory=dict)  # what the family's probe hooks saw during this block
     probe_hooks: list = field(default_factory=list)
 
@@ -128,9 +118,11 @@ class ModelFamily:
 
     name = ""
     needs_module = ""  # a module of the host the family lives in, where not every host has it
-    # The video self-attention's query projection inside a block (a Linear), where the core can keep the
-    # self-attention input and W_q x + b without computing them again; "" where there is none.
-    self_attention_query = ""
+    # Inside a block, the submodule whose input is the residual stream after the self-attention's residual and
+    # whose output feeds the cross-attention, and the cross-attention module whose output joins that stream
+    # (effects that act between the two: MIVA's cross-frame attention and implicit prompt); "" where none is stated.
+    stream_before_cross_attention = ""
+    cross_attention = ""
 
     def on_this_host(self) -> bool:
         return not self.needs_module or importlib.util.find_spec(self.needs_module) is not None
@@ -171,8 +163,8 @@ class ModelFamily:
         """Kind and layout of the ``call_index``-th attention call of the block, or None for calls left alone."""
         raise NotImplementedError
 
-    def add_to_stream(self, output, residual: torch.Tensor):
-        """The block's output with ``residual`` [B, L, C] added to its video stream."""
+    def block_path(self, block_type: str, index: int) -> str:
+        """The block's attribute path inside the diffusion model, e.g. "blocks.3"."""
         raise NotImplementedError
 
     def layout(self, forward, run: BlockRun, q_len: int, k_len: int, video_start: int) -> TokenLayout:
@@ -210,7 +202,3 @@ class JointFamily(ModelFamily):
         if key not in forward.memo:
             forward.memo[key] = self.locate_stream(forward, run, v, skip_reshape)
         return AttentionKind.JOINT, self.layout(forward, run, q_len, k_len, forward.memo[key] + run.video_start)
-
-    def add_to_stream(self, output, residual):
-        stream, text = output
-        return stream + residual, text

@@ -21,7 +21,9 @@ REFERENCE_TOKENS = "wan reference tokens"
 
 class WanFamily(ModelFamily):
     name = "Wan 2.1 / 2.2"
-    self_attention_query = "self_attn.q"
+    # The block runs x = x + gate * self_attn(...); x = x + cross_attn(norm3(x), ...): norm3 sees the stream.
+    stream_before_cross_attention = "norm3"
+    cross_attention = "cross_attn"
 
     def claims(self, base_model) -> bool:
         return isinstance(base_model, comfy.model_base.WAN21)
@@ -36,6 +38,9 @@ class WanFamily(ModelFamily):
 
     def blocks(self, diffusion_model):
         return [("double_block", index, block) for index, block in enumerate(diffusion_model.blocks)]
+
+    def block_path(self, block_type, index):
+        return f"blocks.{index}"
 
     def patch_size(self, diffusion_model):
         return tuple(diffusion_model.patch_size)
@@ -96,9 +101,6 @@ class WanFamily(ModelFamily):
             kind = AttentionKind.TEXT_CROSS
         layout: TokenLayout = self.layout(forward, run, q_len, k_len, run.video_start)
         return kind, layout
-
-    def add_to_stream(self, output, residual):
-        return output + residual
 
 
 WAN = WanFamily()
