@@ -406,6 +406,10 @@ class MIVAConvert(MotionDialsNode):
                                 tooltip="The model the adapter was trained on, <family>-<kind>-<size>."),
                 io.Int.Input("heads", default=12, min=1, max=128,
                              tooltip="That model's attention heads: 12 for Wan 2.1 1.3B, 40 for 14B."),
+                io.Float.Input("lora_alpha", default=0.0, min=0.0, max=4096.0, step=1.0, optional=True,
+                               tooltip="For a LoRA-factored training output: the lora_alpha of its training config "
+                               "(the file does not hold it; PEFT scales by alpha / rank). 0: the rank, a scale of 1. "
+                               "Ignored for full matrices."),
                 io.String.Input("file_name", default="",
                                 tooltip="Name of the converted file; empty: the source's name with .safetensors."),
                 io.Boolean.Input("overwrite", default=False, optional=True,
@@ -417,8 +421,9 @@ class MIVAConvert(MotionDialsNode):
         )
 
     @classmethod
-    def execute(cls, training_output, motion, subject, base, heads, file_name, overwrite=False) -> io.NodeOutput:
-        cls.check_inputs(training_output=training_output, heads=heads, overwrite=overwrite)
+    def execute(cls, training_output, motion, subject, base, heads, file_name, overwrite=False,
+                lora_alpha=0.0) -> io.NodeOutput:
+        cls.check_inputs(training_output=training_output, heads=heads, overwrite=overwrite, lora_alpha=lora_alpha)
         if not motion.strip() or not subject.strip():
             raise ValueError("MIVA Convert needs the adapter's motion and subject: the training output does not say.")
         source = Path(resolve_model_file(training_output))
@@ -435,7 +440,8 @@ class MIVAConvert(MotionDialsNode):
                                   "file_name, or switch overwrite on to replace it.")
         state = read_training_output(source)
         info, tensors = convert_authors_layout(state, base=base.strip(), motion=motion.strip(),
-                                               subject=subject.strip(), heads=heads, source=source.name)
+                                               subject=subject.strip(), heads=heads, lora_alpha=lora_alpha or None,
+                                               source=source.name)
         save_adapter(target, info, tensors)
         return io.NodeOutput(ui=ui.PreviewText(f"wrote {target_name}\n" + describe(load_adapter(target))))
 
