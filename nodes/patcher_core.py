@@ -447,15 +447,19 @@ def apply_effect(model, effect: MotionEffect):
 
 
 def _patch_cross_attention(patched, family: ModelFamily) -> None:
-    """Object patches of every block's cross-attention module (once per clone lineage)."""
+    """Object patches of every block's cross-attention module (once per clone lineage), never of a replacement."""
     if not family.cross_attention:
         raise UnsupportedModelError(f"Motion Dials cannot replace the cross-attention of {family.name} models.")
     diffusion_model = patched.get_model_object("diffusion_model")
     for block_type, index, _ in family.blocks(diffusion_model):
         key = f"diffusion_model.{family.block_path(block_type, index)}.{family.cross_attention}"
         current = patched.get_model_object(key)
-        if not isinstance(current, CrossAttentionReplacement):
-            patched.add_object_patch(key, CrossAttentionReplacement(current))
+        if isinstance(current, CrossAttentionReplacement) and key in patched.object_patches:
+            continue
+        # Another clone's replacement may sit in the shared module while that clone is loaded: wrap the original.
+        while isinstance(current, CrossAttentionReplacement):
+            current = current.original
+        patched.add_object_patch(key, CrossAttentionReplacement(current))
 
 
 def effects_of(model) -> tuple[MotionEffect, ...]:

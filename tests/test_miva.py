@@ -533,3 +533,16 @@ def test_loader_and_stack_read_from_the_miva_folder_and_refuse_names_outside_it(
         resolve_model_file("missing.safetensors")
     with pytest.raises(ValueError, match="MIVA Loader: adapter_name 'missing.safetensors' is not a file in .*miva"):
         MIVALoader.execute("missing.safetensors", 1.0)
+
+
+def test_a_clone_made_while_another_patched_clone_is_loaded_still_replaces_the_cross_attention(model):
+    from motion_dials.nodes.patcher_core import CrossAttentionReplacement
+
+    rows = stack((adapter(HORSE), 1.0, True))
+    first = apply_stack(model, rows)
+    first_video = sample_tiny(CASE, first, STEPS)  # first stays loaded: its replacements sit in the shared modules
+    second = apply_stack(model, rows)
+    patches = [p for key, p in second.object_patches.items() if key.endswith("cross_attn")]
+    assert len(patches) == 2 and not any(isinstance(p.original, CrossAttentionReplacement) for p in patches)
+    assert torch.equal(sample_tiny(CASE, second, STEPS), first_video)
+    assert not torch.allclose(sample_tiny(CASE, model, STEPS), first_video)
