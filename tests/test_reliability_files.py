@@ -371,7 +371,7 @@ def test_miva_convert_keeps_an_existing_adapter_unless_overwrite_is_on(tiny_mode
             MIVAConvert.execute(*arguments)
         assert target.read_bytes() == before
         MIVAConvert.execute(*arguments, overwrite=True)
-        assert not torch.equal(load_adapter(target).blocks[0].cfa.q_down, existing["blocks.0.cfa.q.down"])
+        assert not torch.equal(load_adapter(target).blocks[0].cfa.query.down, existing["blocks.0.cfa.q.down"])
     finally:
         source.unlink(missing_ok=True)
         target.unlink(missing_ok=True)
