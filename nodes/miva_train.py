@@ -16,8 +16,8 @@ the same patched block.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import os
 import re
 import time
 import types
@@ -39,7 +39,6 @@ from ..models.miva_training import (
     Run,
     Schedule,
     check_frame_count,
-    latent_frames,
     loss_curve_image,
     state_path,
 )
@@ -216,6 +215,21 @@ def model_forward(patched, x: torch.Tensor, sigma: torch.Tensor, context: torch.
     return captured[-1]
 
 
+@contextlib.contextmanager
+def training_mode():
+    """Autograd on (outside ComfyUI's inference mode) and, on hosts that have it, ComfyUI's training flag (0.33
+    then takes RoPE through its differentiable path)."""
+    previous = getattr(comfy.model_management, "in_training", None)
+    with torch.inference_mode(False), torch.enable_grad():
+        if previous is not None:
+            comfy.model_management.in_training = True
+        try:
+            yield
+        finally:
+            if previous is not None:
+                comfy.model_management.in_training = previous
+
+
 class Trainer:
     """What a step needs from ComfyUI: the training model, the adapter's info, the context."""
 
@@ -355,7 +369,7 @@ class MIVATrain(MotionDialsNode):
                              tooltip="Frames per training window, 4k + 1: 17 frames are 5 latent frames (the "
                              "paper). A random window of each clip is taken at each step."),
                 io.Int.Input("width", default=832, min=16, max=4096, step=16,
-                             tooltip="Training width in pixels, a multiple of 16; clips are scaled and centre-cropped."),
+                             tooltip="Training width in pixels, a multiple of 16; clips are scaled, centre-cropped."),
                 io.Int.Input("height", default=480, min=16, max=4096, step=16,
                              tooltip="Training height in pixels, a multiple of 16."),
                 io.Int.Input("steps", default=8000, min=1, max=1000000,
