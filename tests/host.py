@@ -64,9 +64,14 @@ def register_tiny_models():
             folder_paths.add_model_folder_path(kind, str(folder), is_default=True)
 
 
-def write_extra_model_paths(directory: Path) -> Path:
-    """An extra_model_paths.yaml that adds the tiny models and the test-fixture node to a server."""
+def write_extra_model_paths(directory: Path, miva_output: Path | None = None) -> Path:
+    """An extra_model_paths.yaml that adds the tiny models and the test-fixture node to a server; with
+    ``miva_output``, that folder first among the ``miva`` folders (where MIVA Train writes), so that a server's
+    training never writes into the shared tiny models."""
     config = directory / "extra_model_paths.yaml"
+    outputs = ("motion_dials_test_outputs:\n"
+               "    is_default: true\n"
+               f"    miva: {miva_output}\n") if miva_output is not None else ""
     config.write_text(
         "motion_dials_tests:\n"
         f"    base_path: {TINY_MODELS}\n"
@@ -77,8 +82,48 @@ def write_extra_model_paths(directory: Path) -> Path:
         "    sam2: sam2\n"
         "    bert-base-uncased: bert-base-uncased\n"
         f"    custom_nodes: {FIXTURE_NODES}\n"
+        + outputs
     )
     return config
+
+
+def write_clip(path: Path, frames: int, seed: int, size: int = 32) -> Path:
+    """A moving square on a coloured background, as an H.264 mp4 of ``frames`` frames (PyAV)."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    colour, background = rng.integers(0, 255, 3), rng.integers(0, 255, 3)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for f in range(frames):
+            image = np.empty((size, size, 3), np.uint8)
+            image[:] = background
+            x = (3 * f) % (size - 8)
+            image[8:16, x:x + 8] = colour
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+# MIVA Train's settings for a run of seconds on the tiny models (the shipped workflow keeps the user's: 8000 steps
+# at 832 x 480, 17 frames); the clips of Server.write_clips fit them.
+TINY_TRAINING = {"steps": 2, "width": 32, "height": 32, "frames": 5, "cfa_rank": 4, "prompt_rank": 4,
+                 "checkpoint_interval": 0, "precision": "fp32"}
+
+
+def tiny_training(workflow: dict, file_name: str, clips: str | None = None) -> dict:
+    """An API workflow with its MIVA Train nodes set to TINY_TRAINING, writing ``file_name`` (a fresh run)."""
+    for node in workflow.values():
+        if node["class_type"] == "MIVATrain":
+            node["inputs"].update(TINY_TRAINING, file_name=file_name, resume=False, overwrite=True)
+            if clips is not None:
+                node["inputs"]["clips"] = clips
+    return workflow
 
 
 def free_port() -> int:
@@ -96,10 +141,12 @@ class Server:
         self.extra_args = extra_args
         self.workdir = Path(tempfile.mkdtemp(prefix="motion-dials-server-"))
         self.log_path = self.workdir / "server.log"
+        self.miva_dir = self.workdir / "models" / "miva"  # the first miva folder: where the server's MIVA Train writes
         self.process = None
 
     def start(self, timeout: float = 180.0) -> Server:
-        config = write_extra_model_paths(self.workdir)
+        self.miva_dir.mkdir(parents=True, exist_ok=True)
+        config = write_extra_model_paths(self.workdir, self.miva_dir)
         for sub in ("output", "input", "temp", "user"):
             (self.workdir / sub).mkdir(exist_ok=True)
         command = [
@@ -143,6 +190,14 @@ class Server:
         destination = self.workdir / "input" / path.name
         shutil.copyfile(path, destination)
         return path.name
+
+    def write_clips(self, folder: str, count: int = 2, frames: int = 7, size: int = 32) -> Path:
+        """``count`` tiny training clips (mp4s of a moving square) in ``input/<folder>/``, for MIVA Train."""
+        destination = self.workdir / "input" / folder
+        destination.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            write_clip(destination / f"clip{i}.mp4", frames, seed=i, size=size)
+        return destination
 
     def fetch_output(self, item: dict, destination: Path) -> Path:
         """Download one output file ({filename, subfolder, type} from /history) through /view."""

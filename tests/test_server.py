@@ -3,11 +3,12 @@
 import json
 
 import pytest
-from host import REPO, Server
+from host import REPO, TINY_MODELS, TINY_TRAINING, Server, tiny_training
 from server_client import PromptFailed, run_prompt
 from tiny_graph import shrink_api, tinyify_api
 
 WORKFLOWS = REPO / "workflows"
+TRAINING_CLIPS = "horse_running"  # the clips folder the training workflow names, in the server's input folder
 
 
 def tiny_workflow(name: str) -> dict:
@@ -22,6 +23,7 @@ def node_of(workflow: dict, class_type: str) -> str:
 def server(tiny_models):
     with Server() as running:
         running.upload_image(WORKFLOWS / "example.png")
+        running.write_clips(TRAINING_CLIPS)
         yield running
 
 
@@ -55,6 +57,37 @@ def test_shipped_workflow_runs_through_the_api(server, name, tmp_path):
         assert server.fetch_output(item, tmp_path).stat().st_size > 0
 
 
+def test_training_workflow_trains_an_adapter_into_the_servers_miva_folder_and_samples_with_it(server, tmp_path):
+    shipped = json.loads((WORKFLOWS / "miva_train_wan21.api.json").read_text())
+    train = node_of(shipped, "MIVATrain")
+    settings = shipped[train]["inputs"]
+    # the shipped workflow keeps the user's settings; only the test run is made small
+    assert (settings["steps"], settings["width"], settings["height"], settings["frames"]) == (8000, 832, 480, 17)
+    assert settings["clips"] == TRAINING_CLIPS and settings["model"] == [node_of(shipped, "UNETLoader"), 0]
+    workflow = tiny_training(tiny_workflow("miva_train_wan21"), "miva_server_train_test.safetensors")
+    assert workflow[node_of(workflow, "MIVAApply")]["inputs"]["stack"] == [train, 0]
+    outputs = run_prompt(server, workflow)
+
+    target = server.miva_dir / "miva_server_train_test.safetensors"
+    assert target.is_file() and not (TINY_MODELS / "miva" / target.name).exists()
+    from motion_dials.models.miva import load_adapter
+
+    adapter = load_adapter(target)
+    assert (adapter.info.motion, adapter.info.subject) == ("horse running", "horse")
+    assert adapter.info.query_rank == TINY_TRAINING["cfa_rank"]
+    assert adapter.info.details["steps"] == str(TINY_TRAINING["steps"])
+    assert adapter.info.details["clips"] == "2" and adapter.info.details["resolution"] == "32x32"
+    (text,) = outputs[train]["text"]
+    assert text.startswith(f"wrote {target.name}") and "motion: horse running" in text and "loss: first" in text
+    # the loss curve, on the node and in the Preview Image; the video sampled with the trained adapter
+    for node in (train, node_of(workflow, "PreviewImage")):
+        (item,) = outputs[node]["images"]
+        curve = server.fetch_output(item, tmp_path)
+        assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and curve.stat().st_size > 1000
+    (video,) = outputs[node_of(workflow, "SaveAnimatedWEBP")]["images"]
+    assert server.fetch_output(video, tmp_path).stat().st_size > 0
+
+
 def test_unsupported_model_fails_with_a_message_naming_the_supported_families(server):
     workflow = tiny_workflow("dymos_wan21_i2v")
     workflow[node_of(workflow, "UNETLoader")]["inputs"]["unet_name"] = "hunyuan_video_t2v_720p_bf16.safetensors"
@@ -64,7 +97,7 @@ def test_unsupported_model_fails_with_a_message_naming_the_supported_families(se
 
 PACK_NODES = ("DyMoSMotionSlider", "EDGMerge", "EDGTimestepSwitch", "MotionDialsModelMergeExtrapolate",
               "MotionDialsDareAddDifference", "MotionDialsReferenceAttentionShare", "MIVALoader", "MIVAStack",
-              "MIVAApply", "MIVAConvert", "MIVAImageToVideoLatent", "MIVANoise", "MIVAAdaIN",
+              "MIVAApply", "MIVAConvert", "MIVATrain", "MIVAImageToVideoLatent", "MIVANoise", "MIVAAdaIN",
               "MotionDialsGroundingDINOLoader", "MotionDialsSAM2Loader", "MotionDialsSubjectMask",
               "MotionDialsMotionScore", "MotionDialsAttentionInspector", "MotionDialsAttentionDistance")
 

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from host import REPO, Server
+from host import REPO, Server, tiny_training
 from playwright.sync_api import sync_playwright
 from tiny_graph import shrink_api, tinyify_api
 from tiny_segmenters import GROUNDING_DINO_FILE, SAM2_PT_FILE
@@ -26,7 +26,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SHIPPED = ["dymos_wan21_i2v", "dymos_wan22_i2v", "dymos_hunyuan15_i2v", "edg_wan21_i2v", "edg_switch_wan22_i2v",
            "miva_wan21_one_adapter", "miva_wan21_two_adapters", "miva_dymos_wan21", "mmiva_wan21_one_subject",
-           "mmiva_wan21_subject_and_background"]
+           "mmiva_wan21_subject_and_background", "miva_train_wan21"]
+TRAINING_CLIPS = "horse_running"  # the clips folder the training workflow names, in the server's input folder
 CLASSIC, NODES2 = "classic", "nodes2"
 NODES2_SETTING = "Comfy.VueNodes.Enabled"
 
@@ -56,6 +57,7 @@ def artifact_name(file_name: str, renderer: str) -> str:
 def server(tiny_models):
     with Server() as running:
         running.upload_image(WORKFLOWS / "example.png")
+        running.write_clips(TRAINING_CLIPS)
         yield running
 
 
@@ -659,6 +661,46 @@ def test_miva_loader_and_stack_show_their_adapters_after_a_run_from_the_web_ui(p
         assert after["text_inside"] and after["height"] > before[node_type] + 30, (node_type, after, before)
     page.evaluate("() => window.app.canvas.deselectAll()")
     screenshot_around(page, "MIVALoader", artifact_name("web_ui_miva.png", renderer), scale=1.0, at=(300, 200))
+
+
+def images_shown(page, items: list[dict]) -> bool:
+    """Whether the page shows every output image of ``items`` ({filename, ...} from /history), loaded: as a node's
+    image on the classic canvas, or as an <img> in the page (Nodes 2.0)."""
+    return page.evaluate("""(names) => {
+        const images = [...document.querySelectorAll("img"),
+            ...window.app.graph._nodes.flatMap((node) => node.imgs ?? [])];
+        const loaded = images.filter((img) => img.complete && img.naturalWidth > 0)
+            .map((img) => decodeURIComponent(img.src));
+        return names.every((name) => loaded.some((src) => src.includes(`filename=${name}`)));
+    }""", [item["filename"] for item in items])
+
+
+def test_training_workflow_queued_from_the_web_ui_trains_and_shows_the_loss_curve(page, server, renderer):
+    """The shipped training workflow (MIVA Train on the tiny Wan, a few steps on tiny clips) queued from the web UI:
+    the adapter is written into the server's own miva folder and the loss curve is shown."""
+    file_name = f"miva_web_ui_train_{renderer}.safetensors"
+    tiny = tiny_training(shrink_api(tinyify_api(json.loads((WORKFLOWS / "miva_train_wan21.api.json").read_text()))),
+                         file_name)
+    load_graph(page, api_to_ui(tiny, server.get_json("/object_info")))
+    assert unknown_node_types(page) == []
+    assert not load_problem_shown(page)
+    entry = queue_from_the_browser(page, server)
+    train = next(k for k, node in entry["prompt"][2].items() if node["class_type"] == "MIVATrain")
+    preview = next(k for k, node in entry["prompt"][2].items() if node["class_type"] == "PreviewImage")
+    assert entry["prompt"][2][train]["inputs"]["file_name"] == file_name  # what the UI sent
+    (text,) = entry["outputs"][train]["text"]
+    assert text.startswith(f"wrote {file_name}") and "motion: horse running" in text and "loss: first" in text
+    assert (server.miva_dir / file_name).is_file()
+    from motion_dials.models.miva import load_adapter
+
+    assert load_adapter(server.miva_dir / file_name).info.motion == "horse running"
+    # the loss curve: on the Preview Image node (and MIVA Train's own preview), shown in the page
+    curves = entry["outputs"][preview]["images"] + entry["outputs"][train]["images"]
+    assert len(curves) == 2
+    deadline = time.monotonic() + 15
+    while not images_shown(page, curves) and time.monotonic() < deadline:
+        page.wait_for_timeout(250)
+    assert images_shown(page, curves), curves
 
 
 def subject_mask_graph(box_threshold: float, variant: int = 0) -> dict:
