@@ -413,8 +413,8 @@ function setUpModelFolders() {
 }
 
 // Nodes whose text after a run (what was loaded, what was found, warnings) is shown on the node itself.
-const INFO_NODES = new Set(["MIVAStack", "MIVALoader", "MotionDialsSubjectMask", "MotionDialsGroundingDINOLoader",
-    "MotionDialsSAM2Loader"]);
+const INFO_NODES = new Set(["MIVAStack", "MIVALoader", "MIVATrain", "MotionDialsSubjectMask",
+    "MotionDialsGroundingDINOLoader", "MotionDialsSAM2Loader"]);
 
 app.registerExtension({
     name: "MotionDials.MIVA",

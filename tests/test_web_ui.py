@@ -690,6 +690,10 @@ def test_training_workflow_queued_from_the_web_ui_trains_and_shows_the_loss_curv
     assert entry["prompt"][2][train]["inputs"]["file_name"] == file_name  # what the UI sent
     (text,) = entry["outputs"][train]["text"]
     assert text.startswith(f"wrote {file_name}") and "motion: horse running" in text and "loss: first" in text
+    deadline = time.monotonic() + 15
+    while not node_text(page, "MIVATrain", "miva_info") and time.monotonic() < deadline:
+        page.wait_for_timeout(250)
+    assert node_text(page, "MIVATrain", "miva_info").startswith(f"wrote {file_name}")  # shown on the node
     assert (server.miva_dir / file_name).is_file()
     from motion_dials.models.miva import load_adapter
 
