@@ -14,14 +14,62 @@ replacement, and the call is made inside ``held_calls()`` so that the recomputat
 the same patched block.
 """
 
+# ruff: noqa: E402 (ComfyUI's and the pack's imports come after the by-path start, which must run before them)
+
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import re
+import signal
+import sys
 import time
 import types
 from pathlib import Path
+
+
+def _run_by_path() -> None:
+    """``python <pack>/nodes/miva_train.py ...``, outside ComfyUI: ComfyUI first on sys.path (``--comfyui`` or
+    COMFYUI_PATH), the CPU where there is no GPU (what ``main.py --cpu`` sets), the pack imported as the package
+    ``motion_dials`` (as ComfyUI imports it from custom_nodes), then the command, ``main()`` at the end."""
+    import importlib
+    import importlib.util
+    import os
+    import sys
+
+    pack = Path(__file__).resolve().parents[1]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in (pack, pack / "nodes")]
+    argv = sys.argv[1:]
+    comfyui = os.environ.get("COMFYUI_PATH")
+    for i, arg in enumerate(argv):
+        if arg == "--comfyui" and i + 1 < len(argv):
+            comfyui = argv[i + 1]
+        elif arg.startswith("--comfyui="):
+            comfyui = arg.split("=", 1)[1]
+    if comfyui:
+        sys.path.insert(0, str(Path(comfyui).expanduser().resolve()))
+    try:
+        import comfy.cli_args
+    except ImportError:
+        print("MIVA Train: ComfyUI is not importable: give its folder with --comfyui PATH or COMFYUI_PATH.",
+              file=sys.stderr)
+        sys.exit(2)
+    import torch
+
+    if not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True
+    name = "motion_dials"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, pack / "__init__.py",
+                                                      submodule_search_locations=[str(pack)])
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    sys.exit(importlib.import_module(f"{name}.nodes.miva_train").main())
+
+
+if __name__ == "__main__" and not __package__:
+    _run_by_path()
 
 import comfy.model_management
 import comfy.model_patcher
@@ -93,16 +141,23 @@ def base_name(diffusion_model) -> str:
     return f"wan2.1-t2v-{size}"
 
 
-def clip_files(folder: str) -> list[Path]:
-    """The video files of ``folder`` under ComfyUI's input directory, sorted."""
-    root = Path(folder_paths.get_input_directory()).resolve()
-    path = (root / folder).resolve()
-    if not folder or not path.is_relative_to(root) or not path.is_dir():
-        raise ValueError(f"{NODE}: clips {folder!r} is not a folder in ComfyUI's input directory ({root}). Put the "
-                         "training clips in input/<name>/ and pick <name>.")
+def clip_files(folder: str | Path) -> list[Path]:
+    """The video files of ``folder``, sorted: a name (the node's input) is a folder under ComfyUI's input
+    directory, a ``Path`` (the command's ``--clips``) any folder."""
+    if isinstance(folder, Path):
+        path = folder.resolve()
+        if not path.is_dir():
+            raise ValueError(f"{NODE}: clips {str(folder)!r} is not a folder. Give the folder that holds the "
+                             "training clips.")
+    else:
+        root = Path(folder_paths.get_input_directory()).resolve()
+        path = (root / folder).resolve()
+        if not folder or not path.is_relative_to(root) or not path.is_dir():
+            raise ValueError(f"{NODE}: clips {folder!r} is not a folder in ComfyUI's input directory ({root}). Put "
+                             "the training clips in input/<name>/ and pick <name>.")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
     if not files:
-        raise ValueError(f"{NODE}: the folder {folder!r} holds no video files ({', '.join(VIDEO_SUFFIXES)}).")
+        raise ValueError(f"{NODE}: the folder {str(folder)!r} holds no video files ({', '.join(VIDEO_SUFFIXES)}).")
     return files
 
 
@@ -126,7 +181,7 @@ def fit(frames: torch.Tensor, width: int, height: int) -> torch.Tensor:
     return resized.movedim(1, -1).clamp(0.0, 1.0)
 
 
-def read_clips(folder: str, frames: int, width: int, height: int) -> list[Clip]:
+def read_clips(folder: str | Path, frames: int, width: int, height: int) -> list[Clip]:
     clips = []
     for path in clip_files(folder):
         video = decode_video(path)
@@ -450,3 +505,128 @@ class MIVATrain(MotionDialsNode):
 
 
 NODES = (MIVATrain,)
+
+
+# --- the command ---------------------------------------------------------------------------------------------------
+
+EXAMPLE = """example:
+  python -m motion_dials.nodes.miva_train --model wan2.1_t2v_1.3B_fp16.safetensors --vae wan_2.1_vae.safetensors \\
+      --clips ~/clips/horse --motion "horse running" --subject horse
+  (or python <ComfyUI>/custom_nodes/motion_dials/nodes/miva_train.py --comfyui <ComfyUI> ...)
+"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m motion_dials.nodes.miva_train", epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="MIVA Train without the graph: loads the base through ComfyUI's loaders (Load Diffusion Model, "
+        "Load VAE), trains as the node does and saves the adapter to models/miva.")
+    add = parser.add_argument
+    add("--comfyui", metavar="PATH", help="ComfyUI's folder (default: COMFYUI_PATH, or ComfyUI already importable)")
+    add("--extra-model-paths-config", action="append", default=[], metavar="YAML",
+        help="an extra_model_paths.yaml, as ComfyUI's option of that name (repeatable)")
+    add("--model", required=True, help="a Wan 2.1 T2V file in models/diffusion_models")
+    add("--vae", required=True, help="the Wan 2.1 VAE file in models/vae")
+    add("--weight-dtype", default="default", choices=("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"),
+        help="Load Diffusion Model's weight_dtype (default: %(default)s)")
+    add("--clips", required=True, type=Path, metavar="FOLDER", help="a folder of training clips (video files)")
+    add("--motion", required=True, help="what the adapter animates, e.g. 'horse running'")
+    add("--subject", required=True, help="the word that finds the moving subject, e.g. 'horse'")
+    add("--frames", type=int, default=17, help="frames per training window, 4k + 1 (default: %(default)s)")
+    add("--width", type=int, default=832, help="training width, a multiple of 16 (default: %(default)s)")
+    add("--height", type=int, default=480, help="training height, a multiple of 16 (default: %(default)s)")
+    add("--steps", type=int, default=8000, help="training steps, batch 1 (default: %(default)s)")
+    add("--learning-rate", type=float, default=1e-5, help="AdamW's learning rate (default: %(default)g)")
+    add("--cfa-rank", type=int, default=128, help="rank of the cross-frame attention (default: %(default)s)")
+    add("--prompt-rank", type=int, default=128, help="rank of the implicit prompt (default: %(default)s)")
+    add("--seed", type=int, default=0, help="seed of the initialisation and every draw (default: %(default)s)")
+    add("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
+        help="keep the activations instead of recomputing them (more memory, faster)")
+    add("--precision", choices=PRECISIONS, default="fp32", help="the model's computation (default: %(default)s)")
+    add("--checkpoint-interval", type=int, default=500,
+        help="save the adapter and training state every this many steps, 0: only at the end (default: %(default)s)")
+    add("--no-resume", dest="resume", action="store_false", help="start again even if a training state exists")
+    add("--file-name", default="", help="the adapter's file in models/miva (default: miva_wan2.1_t2v_<motion>"
+        ".safetensors)")
+    add("--overwrite", action="store_true", help="replace an existing adapter of that name")
+    return parser.parse_args(argv)
+
+
+def _model_file(kind: str, name: str, option: str) -> str:
+    if name not in folder_paths.get_filename_list(kind):
+        folders = ", ".join(folder_paths.get_folder_paths(kind))
+        raise ValueError(f"{NODE}: {option} {name!r} is not a file in models/{kind} ({folders}).")
+    return name
+
+
+def _command(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    import nodes  # ComfyUI's, with its loaders
+
+    comfyui = Path(folder_paths.__file__).resolve().parent
+    # ComfyUI's utils/extra_config.py by path: on some hosts the name 'utils' is comfy.utils by now
+    spec = importlib.util.spec_from_file_location("motion_dials_extra_config", comfyui / "utils" / "extra_config.py")
+    extra_config = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(extra_config)
+    load_extra_path_config = extra_config.load_extra_path_config
+    comfyui_config = comfyui / "extra_model_paths.yaml"
+    for config in ([comfyui_config] if comfyui_config.is_file() else []) + args.extra_model_paths_config:
+        load_extra_path_config(str(config))
+    MIVATrain.check_inputs(frames=args.frames, width=args.width, height=args.height, steps=args.steps,
+                           learning_rate=args.learning_rate, cfa_rank=args.cfa_rank, prompt_rank=args.prompt_rank,
+                           seed=args.seed, precision=args.precision, checkpoint_interval=args.checkpoint_interval)
+    check_frame_count(args.frames)
+    clip_files(args.clips)  # before loading anything
+    target = output_path(args.file_name.strip() or default_file_name(args.motion))
+    model = nodes.UNETLoader().load_unet(_model_file("diffusion_models", args.model, "--model"),
+                                         args.weight_dtype)[0]
+    vae = nodes.VAELoader().load_vae(_model_file("vae", args.vae, "--vae"))[0]
+    check_model(model)
+    check_vae(vae, args.width, args.height)
+    clips = read_clips(args.clips, args.frames, args.width, args.height)
+    print(f"{NODE}: {len(clips)} clips from {args.clips}, {args.steps} steps, to {target}", flush=True)
+
+    def progress(step, total, loss, left):
+        print(f"step {step}/{total}, loss {loss:.4f}, {_format_time(left)} left", flush=True)
+
+    def interrupt(*_):  # the first Ctrl-C stops after the step and saves the state to resume from
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        comfy.model_management.interrupt_current_processing(True)
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        adapter, losses = train(model, vae, clips, motion=args.motion, subject=args.subject, frames=args.frames,
+                                width=args.width, height=args.height, steps=args.steps,
+                                learning_rate=args.learning_rate, cfa_rank=args.cfa_rank,
+                                prompt_rank=args.prompt_rank, seed=args.seed,
+                                gradient_checkpointing=args.gradient_checkpointing, precision=args.precision,
+                                checkpoint_interval=args.checkpoint_interval, resume=args.resume, target=target,
+                                overwrite=args.overwrite, progress=progress)
+    except comfy.model_management.InterruptProcessingException:
+        print(f"{NODE}: interrupted; the state is saved beside {target}: run the same command again to resume.",
+              file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        comfy.model_management.interrupt_current_processing(False)
+    print(describe(adapter))
+    if losses:
+        print(f"loss: first {losses[0]:.4f}, last {losses[-1]:.4f}")
+    print(target)
+    return 0
+
+
+def main(argv=None) -> int:
+    """The command: 0 when the adapter is saved; 2, with the node's message, on bad input."""
+    args = parse_args(argv)
+    try:
+        return _command(args)
+    except (ValueError, FileExistsError) as error:
+        print(error, file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,12 +1,16 @@
 """MIVA Train on the tiny Wan 2.1 T2V and the tiny Wan VAE, with tiny synthetic clips written by PyAV."""
 
 import json
+import os
+import subprocess
+import sys
 
 import av
 import folder_paths
 import numpy as np
 import pytest
 import torch
+from host import COMFYUI_PATH, REPO
 from sampling import load_tiny
 
 from motion_dials.models.miva import Adapter, AdapterInfo, initial_tensors, load_adapter
@@ -311,3 +315,59 @@ def test_bad_inputs_fail_before_training_with_the_reason(model, vae, input_dir, 
         MIVATrain.execute(**args)
     assert not started
     assert not (miva_folder / "bad.safetensors").exists()
+
+
+# --- the command: python <pack>/nodes/miva_train.py (or -m motion_dials.nodes.miva_train) ----------------------------
+
+def run_command(tmp_path, tiny_models, *args):
+    """The command in a fresh process on the tiny models, ComfyUI given by --comfyui, models/miva in tmp_path."""
+    config = tmp_path / "extra_model_paths.yaml"
+    config.write_text(f"tiny:\n    base_path: {tiny_models}\n    diffusion_models: diffusion_models\n    vae: vae\n"
+                      f"output:\n    base_path: {tmp_path}\n    is_default: true\n    miva: miva\n")
+    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
+    command = [sys.executable, str(REPO / "nodes" / "miva_train.py"), "--comfyui", str(COMFYUI_PATH),
+               "--extra-model-paths-config", str(config), *args]
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+COMMAND = ("--model", T2V, "--vae", "wan_2.1_vae.safetensors", "--motion", "horse running", "--subject", "horse",
+           "--steps", "2", "--frames", str(FRAMES), "--width", str(SIZE), "--height", str(SIZE), "--cfa-rank", "4",
+           "--prompt-rank", "4", "--learning-rate", "1e-3", "--seed", "3", "--checkpoint-interval", "0")
+
+
+def test_command_trains_and_saves_an_adapter_that_loads(tmp_path, tiny_models):
+    clips = tmp_path / "my clips"
+    clips.mkdir()
+    for i in range(2):
+        write_clip(clips / f"clip{i}.mp4", FRAMES + 2, seed=i)
+    done = run_command(tmp_path, tiny_models, *COMMAND, "--clips", str(clips), "--file-name", "cli.safetensors")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert any(line.startswith("step 1/2, loss ") and line.endswith(" left") for line in lines), done.stdout
+    assert any(line.startswith("step 2/2, loss ") for line in lines), done.stdout
+    target = tmp_path / "miva" / "cli.safetensors"
+    assert lines[-1] == str(target)
+    info = load_adapter(target).info
+    assert info.motion == "horse running" and info.subject == "horse" and info.prompt_rank == 4
+    assert info.details["steps"] == "2" and info.details["clips"] == "2"
+    assert info.details["resolution"] == f"{SIZE}x{SIZE}"
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("missing clips", r"MIVA Train: clips '.*nowhere' is not a folder"),
+    ("image-to-video model", r"MIVA Train: model is a Wan image-to-video variant"),
+])
+def test_command_bad_input_exits_2_with_the_nodes_message(tmp_path, tiny_models, case, pattern):
+    import re
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    write_clip(clips / "clip.mp4", FRAMES + 2, seed=0)
+    args = [*COMMAND, "--clips", str(tmp_path / "nowhere" if case == "missing clips" else clips)]
+    if case == "image-to-video model":
+        args[1] = I2V
+    done = run_command(tmp_path, tiny_models, *args)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert re.search(pattern, done.stderr), done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "miva").exists() or not any((tmp_path / "miva").iterdir())
