@@ -29,7 +29,8 @@ and, for every block i (d = dim, r = query_rank, s = output_rank):
     blocks.{i}.mask.q.*, blocks.{i}.mask.o.*          the mask stream's query and output (q_m, o_m), in
                                                       the forms of cfa.q and cfa.o, when mask_stream is true
 
-What they compute inside one Wan block (the MIVA paper, "Few-Shot-Based Modular Image-to-Video Adapter for Diffusion Models", its method section, as the authors' Wan code wires it), x the residual stream after the
+What they compute inside one Wan block (the MIVA paper, "Few-Shot-Based Modular Image-to-Video Adapter for
+Diffusion Models", its method section, as the authors' Wan code wires it), x the residual stream after the
 self-attention's residual, on the video tokens of F latent frames of T tokens each:
 
     query  = rms_norm(W_q x + b_q + q.up(q.down(x))) * norm_q       (W_q, b_q: the block's self-attention query)

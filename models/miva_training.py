@@ -1,4 +1,5 @@
-"""Training a MIVA adapter (the MIVA paper's training setup, as its authors' Wan trainer runs it), as plain torch: no ComfyUI in here.
+"""Training a MIVA adapter (the MIVA paper's training setup, as its authors' Wan trainer runs it), as plain
+torch: no ComfyUI in here.
 
 What one step does, with one generator drawing everything in a fixed order (so a run is reproducible and a
 resumed run continues exactly where the checkpoint left it):

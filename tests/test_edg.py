@@ -52,7 +52,7 @@ def edg_merge(pre, sft, seed=7, **overrides):
 # ---- the merge -------------------------------------------------------------------------------------------
 
 def dare_reference(delta, rate, seed, key):
-    """DARE as the EDG paper's merge section words it, with the pack's mask stream (drawn per chunk of the flat tensor)."""
+    """DARE as the EDG paper words it, with the pack's mask stream (drawn per chunk of the flat tensor)."""
     if delta.ndim <= 1:
         return delta
     draws = [torch.rand(min(CHUNK, delta.numel() - start), generator=dare_generator(seed, key, chunk))

@@ -1,4 +1,5 @@
-"""M-MIVA's subject-mask attention bias, grouped, against full biased logits written from the MIVA paper's mask equation (M-MIVA, several adapters)."""
+"""M-MIVA's subject-mask attention bias, grouped, against full biased logits from the MIVA paper's
+mask equation (M-MIVA)."""
 
 import math
 
@@ -135,7 +136,8 @@ def test_cross_frame_shape_queries_of_one_frame_against_two_frames_of_keys():
 @pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
 def test_cross_frame_attention_equals_each_frame_against_frame_0_and_its_previous_frame(frames, masked):
     """Frames 0 and 1 take the shortcut (frame 0's keys once, values weighted by the mean lambda), later frames the
-    gathered 2T keys: both must equal the MIVA paper's cross-frame attention written frame by frame, lambdas that need not sum to 1."""
+    gathered 2T keys: both must equal the MIVA
+    paper's cross-frame attention written frame by frame, lambdas that need not sum to 1."""
     width, per_frame = HEADS * DIM_HEAD, TOKENS_PER_FRAME
     generator = torch.Generator().manual_seed(frames)
     q, k, v = (torch.randn(BATCH, frames * per_frame, width, generator=generator) for _ in range(3))

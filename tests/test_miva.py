@@ -57,7 +57,8 @@ def weights_fingerprint(model) -> float:
     return float(sum(p.double().sum() for p in model.model.diffusion_model.state_dict().values()))
 
 
-# The plain reference of the MIVA paper's Wan block (method section), as the authors' Wan code wires it, on one Wan block, written from
+# The plain reference of the MIVA paper's Wan block (method section), as the authors' Wan code wires it,
+# on one Wan block, written from
 # the formulas, in float64, every frame's cross-frame attention in its own loop.
 
 def rms_norm(x, gain, eps=1e-6):
