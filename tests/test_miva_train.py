@@ -1,16 +1,15 @@
 """MIVA Train on the tiny Wan 2.1 T2V and the tiny Wan VAE, with tiny synthetic clips written by PyAV."""
 
+import fractions
 import json
 import os
 import subprocess
 import sys
 
-import av
 import folder_paths
-import numpy as np
 import pytest
 import torch
-from host import COMFYUI_PATH, REPO
+from host import COMFYUI_PATH, REPO, write_clip
 from sampling import load_tiny
 
 from motion_dials.models.miva import Adapter, AdapterInfo, initial_tensors, load_adapter
@@ -31,6 +30,7 @@ from motion_dials.nodes.miva_train import (
     model_forward,
     read_clips,
     train,
+    video_clips,
     training_mode,
     training_model,
 )
@@ -39,28 +39,11 @@ from motion_dials.nodes.patcher_core import held_calls
 T2V = "wan2.1_t2v_1.3B_fp16.safetensors"
 I2V = "wan2.1_i2v_480p_14B_fp16.safetensors"
 SIZE, FRAMES = 32, 5
-# The loss test: on the tiny random base the velocity target at the model's shifted sigmas is mostly noise, and
-# the evaluation loss levels off near 1.0 from 1.17 (it does not halve); the test asks for a clear fall.
-LR, RANK, TRAIN_STEPS = 1e-2, 32, 100  # 2 latent frames of 4 x 4: 4 tokens a frame
-
-
-def write_clip(path, frames: int, seed: int, size: int = SIZE):
-    """A moving square on a coloured background, as an mp4 of ``frames`` frames."""
-    rng = np.random.default_rng(seed)
-    colour, background = rng.integers(0, 255, 3), rng.integers(0, 255, 3)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264" if seed >= 0 else "mpeg4", rate=8)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for f in range(frames):
-            image = np.empty((size, size, 3), np.uint8)
-            image[:] = background
-            x = (3 * f) % (size - 8)
-            image[8:16, x:x + 8] = colour
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+# The loss test, on 2 latent frames of 4 x 4 (4 tokens a frame). Measured on the tiny random base (evaluation loss
+# from 1.17): lr 5e-3, rank 64: 0.71 at 200 steps, 0.51 at 400, 0.40 at 600; rank 32 falls slower (0.68 at 400);
+# lr 1e-2 at rank 64 is noisy (1.01 at 100, 0.53 at 500); lr 1e-2 at rank 128 and lr 2e-2 at rank 64 stall near
+# 1.05, the loss of a zero prediction.
+LR, RANK, TRAIN_STEPS = 5e-3, 64, 400
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +102,17 @@ def state_of(model) -> dict:
 SETTINGS = dict(motion="horse running", subject="horse", frames=FRAMES, width=SIZE, height=SIZE, learning_rate=1e-3,
                 cfa_rank=4, prompt_rank=4, seed=3, gradient_checkpointing=False, precision="fp32",
                 checkpoint_interval=0, resume=True, overwrite=False)
+
+
+# MIVA Train's widget values for a run of seconds; the node takes lists (is_input_list), as ComfyUI passes them
+NODE_ARGS = dict(clips="horse", motion="horse running", subject="horse", frames=FRAMES, width=SIZE, height=SIZE,
+                 steps=2, learning_rate=1e-3, cfa_rank=4, prompt_rank=4, seed=0, gradient_checkpointing=False,
+                 precision="fp32", checkpoint_interval=0, resume=True, file_name="bad.safetensors", overwrite=False)
+
+
+def as_lists(values: dict, **changes) -> dict:
+    """Inputs as ComfyUI passes them to a node that takes lists: each value a list of one (a list stays a list)."""
+    return {k: v if isinstance(v, list) else [v] for k, v in {**values, **changes}.items()}
 
 
 def nonzero_outputs(tensors: dict, seed: int = 9) -> dict:
@@ -237,7 +231,7 @@ def test_training_moves_only_the_adapter_and_the_loss_falls(model, vae, input_di
         for _ in range(TRAIN_STEPS):
             trainer.step(run, cache, schedule)
         last = evaluate(run.params)
-    assert last < 0.93 * first, (first, last)
+    assert last < 0.5 * first, (first, last)
     changed = [k for k in start if not torch.equal(start[k], run.params[k].detach())]
     assert changed, "the adapter trained"
     after = state_of(model)
@@ -265,8 +259,8 @@ def test_two_n_steps_equal_n_steps_checkpoint_and_n_resumed(model, vae, input_di
 
 
 def test_node_saves_an_adapter_the_loader_reads_with_its_metadata(model, vae, input_dir, miva_folder):
-    stack, curve = MIVATrain.execute(model, vae, "horse", "horse running", "horse", FRAMES, SIZE, SIZE, 4, 1e-3, 4, 4,
-                                     1, True, "fp32", 0, True, "trained.safetensors", False).result
+    stack, curve = MIVATrain.execute(**as_lists(NODE_ARGS, model=model, vae=vae, steps=4, seed=1,
+                                                gradient_checkpointing=True, file_name="trained.safetensors")).result
     assert curve.shape[0] == 1 and curve.shape[-1] == 3
     (row,) = stack
     assert row.adapter.info.details["clips"] == "2" and row.adapter.info.details["resolution"] == f"{SIZE}x{SIZE}"
@@ -278,6 +272,34 @@ def test_node_saves_an_adapter_the_loader_reads_with_its_metadata(model, vae, in
     assert info.prompt_rank == 4 and info.query_rank == 4 and info.motion == "horse running"
 
 
+def test_videos_give_the_folders_clips_and_replace_the_folder(model, vae, input_dir, miva_folder):
+    """A list of VIDEO (what core Load Video (from Folder) gives) decodes to the folder's clips and is trained on."""
+    from comfy_api.latest import InputImpl, Types as types
+
+    videos = [InputImpl.VideoFromFile(str(path)) for path in sorted((input_dir / "horse").iterdir())]
+    from_videos, from_folder = video_clips(videos, FRAMES, SIZE, SIZE), read_clips("horse", FRAMES, SIZE, SIZE)
+    assert [c.name for c in from_videos] == [c.name for c in from_folder] == ["clip0.mp4", "clip1.mp4"]
+    for a, b in zip(from_videos, from_folder):
+        assert a.frames.shape == b.frames.shape == (FRAMES + 2, SIZE, SIZE, 3)
+        assert torch.equal(a.frames, b.frames)
+    # a video made of frames (Create Video) is taken as the host gives its frames, at the training size
+    made = InputImpl.VideoFromComponents(types.VideoComponents(images=from_folder[0].frames.flip(2),
+                                                                frame_rate=fractions.Fraction(8)))
+    (clip,) = video_clips([made], FRAMES, SIZE // 2, SIZE // 2)
+    assert clip.name == "video 1" and clip.frames.shape == (FRAMES + 2, SIZE // 2, SIZE // 2, 3)
+    torch.testing.assert_close(clip.frames, torch.nn.functional.avg_pool2d(
+        from_folder[0].frames.flip(2).movedim(-1, 1), 2).movedim(1, -1), rtol=0, atol=0.02)
+    # the folder named in clips is the one with a too-short clip: connected videos replace it
+    (row,), _ = MIVATrain.execute(**as_lists(NODE_ARGS, model=model, vae=vae, clips="short", videos=videos,
+                                             file_name="videos.safetensors")).result
+    assert row.adapter.info.details["clips"] == "2"
+    assert load_adapter(miva_folder / "videos.safetensors").info.details["clips"] == "2"
+    short = [InputImpl.VideoFromFile(str(input_dir / "short" / "short.mp4"))]
+    with pytest.raises(ValueError, match=r"MIVA Train: the clip short\.mp4 has 3 frames, fewer than frames \(5\)"):
+        MIVATrain.execute(**as_lists(NODE_ARGS, model=model, vae=vae, videos=short, file_name="short.safetensors"))
+    assert not (miva_folder / "short.safetensors").exists()
+
+
 @pytest.mark.parametrize("case, pattern", [
     ("short clip", r"MIVA Train: the clip short\.mp4 has 3 frames, fewer than frames \(5\)"),
     ("unreadable video", r"MIVA Train: the clip broken\.mp4 cannot be read as a video"),
@@ -286,6 +308,8 @@ def test_node_saves_an_adapter_the_loader_reads_with_its_metadata(model, vae, in
     ("frames", r"frames is 6; the Wan VAE takes 4k \+ 1 frames"),
     ("existing output", r"MIVA Train: exists\.safetensors already exists"),
     ("not a video model", r"MIVA Train: model must be a Wan 2.1 T2V model"),
+    ("no clips", r"MIVA Train: no clips\. Pick a folder of clips in clips, or connect videos"),
+    ("a list on a single input", r"MIVA Train: steps got 2 values from a list; it takes one"),
 ])
 def test_bad_inputs_fail_before_training_with_the_reason(model, vae, input_dir, miva_folder, monkeypatch, case,
                                                          pattern):
@@ -293,9 +317,7 @@ def test_bad_inputs_fail_before_training_with_the_reason(model, vae, input_dir, 
 
     started = []
     monkeypatch.setattr(Run, "train_step", lambda *a, **k: started.append(1))
-    args = dict(model=model, vae=vae, clips="horse", motion="m", subject="s", frames=FRAMES, width=SIZE, height=SIZE,
-                steps=2, learning_rate=1e-3, cfa_rank=4, prompt_rank=4, seed=0, gradient_checkpointing=False,
-                precision="fp32", checkpoint_interval=0, resume=True, file_name="bad.safetensors", overwrite=False)
+    args = dict(NODE_ARGS, model=model, vae=vae)
     if case == "short clip":
         args["clips"] = "short"
     elif case == "unreadable video":
@@ -311,8 +333,12 @@ def test_bad_inputs_fail_before_training_with_the_reason(model, vae, input_dir, 
         args["file_name"] = "exists.safetensors"
     elif case == "not a video model":
         args["model"] = nodes.UNETLoader().load_unet("hunyuan_video_t2v_720p_bf16.safetensors", "default")[0]
+    elif case == "no clips":
+        del args["clips"]
+    elif case == "a list on a single input":
+        args["steps"] = [2, 3]
     with pytest.raises((ValueError, FileExistsError), match=pattern):
-        MIVATrain.execute(**args)
+        MIVATrain.execute(**as_lists(args))
     assert not started
     assert not (miva_folder / "bad.safetensors").exists()
 
