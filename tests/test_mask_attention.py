@@ -108,6 +108,78 @@ def test_queries_of_one_score_share_a_row_and_soft_rows_come_in_small_chunks(mon
     assert sum(asked) == soft.positions.numel() and len(asked) > 1 and max(asked) <= budget
 
 
+@pytest.mark.parametrize("attention", list(ATTENTION_FUNCTIONS))
+@pytest.mark.parametrize("skip_reshape", [False, True])
+def test_soft_queries_attend_through_key_terms_without_rows_of_their_own(attention, skip_reshape, monkeypatch):
+    """The soft group runs as attention over the keys plus a copy of each soft key (no [n, keys] row is built), with
+    ComfyUI's mask of the call and a DyMoS key-bias row on top, and equals the full biased attention."""
+    subject = scores("edge", N, seed=11)
+    soft_keys = int(((subject > 0) & (subject < 1)).sum())
+    groups = score_groups(subject, subject)
+    (soft,) = [g for g in groups if g.key_terms is not None]
+    assert soft.key_terms.key_index.numel() == N + soft_keys and soft.key_terms.terms == 4
+
+    def no_rows(_positions):
+        raise AssertionError("the soft rows were built")
+
+    groups = [g if g.key_terms is None else grouped.QueryGroup(g.start, g.stop, g.key_bias, g.positions, no_rows,
+                                                                g.key_terms) for g in groups]
+    dymos = dymos_query_groups(sequence_length=N, video_start=0, num_frames=FRAMES, tokens_per_frame=TOKENS_PER_FRAME,
+                               ref_frames=1, strength=1.5, schedule="uniform")
+    combined = combine_groups(dymos, groups)
+    assert any(g.key_terms is not None and g.key_bias is not None for g in combined)
+    generator = torch.Generator().manual_seed(12)
+    caller_mask = torch.randn(N, N, generator=generator)  # ComfyUI's own mask of the call, added to every bias
+    q, k, v = qkv(13)
+    dymos_bias = torch.zeros(N, N, dtype=torch.float64)
+    for g in dymos:
+        rows = g.positions if g.positions is not None else torch.arange(g.start, g.stop)
+        if g.key_bias is not None:
+            dymos_bias[rows] += g.key_bias.double()
+    expected = full_attention(q, k, v, reference_pair_bias(subject, subject) + dymos_bias + caller_mask.double())
+    attend = ATTENTION_FUNCTIONS[attention]
+    if skip_reshape:
+        got = grouped_bias_attention(attend, q, k, v, HEADS, combined, mask=caller_mask, skip_reshape=True,
+                                     skip_output_reshape=True)
+    else:
+        flat = [t.transpose(1, 2).flatten(2) for t in (q, k, v)]
+        got = grouped_bias_attention(attend, *flat, HEADS, combined, mask=caller_mask)
+        got = got.unflatten(-1, (HEADS, DIM_HEAD)).transpose(1, 2)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_two_soft_biases_together_fall_back_to_rows_and_stay_exact():
+    first, second = scores("edge", N, seed=14), scores("soft", N, seed=15)
+    combined = combine_groups(score_groups(first, first), score_groups(second, second))
+    assert all(g.key_terms is None for g in combined if g.pair_bias is not None and g.key_bias is None)
+    assert any(g.key_terms is not None for g in combined)  # a soft group of one against a shared row of the other
+    q, k, v = qkv(16)
+    expected = full_attention(q, k, v, reference_pair_bias(first, first) + reference_pair_bias(second, second))
+    got = run_grouped(grouped.sdpa, q, k, v, combined, skip_reshape=True)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_soft_bias_error_is_within_its_stated_bound_where_the_ceiling_clamp_is_skipped():
+    """Soft queries and keys within 1e-5 of 1: M exceeds 1 - 1e-4, where the clamped bias is 0 and the terms give
+    log(M + 1e-4) <= log(1 + 1e-4). The output is within what a logit error of 1e-4 allows, and the logits the
+    terms give are within log(1 + 1e-4) of the clamped ones, never below them."""
+    near_one = 1 - torch.rand(N, generator=torch.Generator().manual_seed(17)) * 1e-5
+    subject = torch.where(torch.arange(N) % 2 == 0, near_one, scores("soft", N, seed=18))
+    (soft,) = [g for g in score_groups(subject, subject) if g.key_terms is not None]
+    terms = soft.key_terms
+    positions = torch.arange(N)
+    extended = terms.row.double()[None] + terms.query_terms(positions).double()[:, terms.kind]
+    # a key's bias: the log of the summed exponentials of its copies
+    by_terms = torch.stack([torch.logsumexp(extended[:, terms.key_index == j], dim=1) for j in range(N)], dim=1)
+    reference = reference_pair_bias(subject, subject)
+    gap = by_terms - reference
+    assert float(gap.min()) >= -1e-6 and float(gap.max()) <= math.log1p(1e-4) + 1e-6
+    assert float(gap.max()) > 1e-5  # the case is reached
+    q, k, v = qkv(19)
+    got = run_grouped(grouped.sdpa, q, k, v, score_groups(subject, subject), skip_reshape=True)
+    torch.testing.assert_close(got, full_attention(q, k, v, reference), atol=2e-4 * float(v.abs().max()), rtol=0)
+
+
 def test_several_subjects_follow_the_region_map_the_last_winning_overlaps():
     generator = torch.Generator().manual_seed(5)
     subjects = torch.rand(3, N, generator=generator)
