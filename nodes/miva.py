@@ -157,26 +157,27 @@ class MaskPlan:
 
     self_attention: list  # over the F * T video tokens, queries and keys
     cross_frame: list[CrossFrameBias]  # per row
+    prompt_gates: list[torch.Tensor]  # per row, [F * T]: what its implicit prompt's output is multiplied by
 
 
 def plan_masks(rows: tuple[StackRow, ...], layout: TokenLayout, device) -> MaskPlan:
     """Every frame takes frame 0's mask. One masked adapter alone biases the self-attention with its own soft
-    scores; with several adapters the self-attention follows the region map, and an adapter without a mask
-    takes the background as its mask in its cross-frame attention."""
+    scores; with several adapters the self-attention follows the region map. Each adapter's mask also biases its
+    cross-frame attention and multiplies its implicit prompt's output (the authors' code); an adapter without a
+    mask takes the background as its mask in both."""
     scores = [None if row.mask is None else token_scores(row.mask, layout.height, layout.width, device)
               for row in rows]
     if len(rows) == 1:
         (frame,) = scores
         video = frame.repeat(layout.frames)
-        return MaskPlan(score_groups(video, video), [cross_frame_bias(frame, layout.frames)])
+        return MaskPlan(score_groups(video, video), [cross_frame_bias(frame, layout.frames)], [video])
     labels = region_map(torch.stack([s for s in scores if s is not None]))
     background = (labels == BACKGROUND).float()
     video_labels = labels.repeat(layout.frames)
-    cross_frame = []
-    for frame in scores:
-        frame = background if frame is None else frame
-        cross_frame.append(cross_frame_bias(frame, layout.frames))
-    return MaskPlan(region_groups(video_labels, video_labels), cross_frame)
+    frames = [background if frame is None else frame for frame in scores]
+    return MaskPlan(region_groups(video_labels, video_labels),
+                    [cross_frame_bias(frame, layout.frames) for frame in frames],
+                    [frame.repeat(layout.frames) for frame in frames])
 
 
 class MivaEffect(MotionEffect):
@@ -247,6 +248,7 @@ class MivaEffect(MotionEffect):
         if not self.prompt_rows:
             return None
         weights = self._block_weights(ctx.block_index, normed_stream)
+        plan = self._mask_plan(ctx.layout, normed_stream.device)
         result = None
         for query_bias in sorted({self.rows[i].adapter.info.prompt_query_bias for i in self.prompt_rows}):
             # The frozen query every implicit prompt of the stack shares: the base cross-attention's own.
@@ -257,6 +259,8 @@ class MivaEffect(MotionEffect):
             for i in self.prompt_rows:
                 if self.rows[i].adapter.info.prompt_query_bias == query_bias:
                     part = implicit_prompt(query, weights[i].prompt) * self.rows[i].weight
+                    if plan is not None:
+                        part = part * plan.prompt_gates[i].to(part.dtype)[:, None]
                     result = part if result is None else result + part
         return result
 

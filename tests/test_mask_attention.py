@@ -272,7 +272,8 @@ def tiny_masks():
     return first, second
 
 
-@pytest.mark.parametrize("case", ["one masked adapter", "masked and plain", "two masked, overlapping", "with DyMoS"])
+@pytest.mark.parametrize("case", ["one masked adapter", "masked and plain", "a plain implicit prompt beside a mask",
+                                  "two masked, overlapping", "with DyMoS"])
 def test_masked_adapters_on_tiny_wan_equal_the_plain_reference(tiny_models, case):
     from sampling import load_tiny, sample_tiny
     from test_miva import (
@@ -294,6 +295,7 @@ def test_masked_adapters_on_tiny_wan_equal_the_plain_reference(tiny_models, case
     first, second = tiny_masks()
     rows = {"one masked adapter": [(adapter(HORSE), 0.8, first)],
             "masked and plain": [(adapter(HORSE), 0.8, first), (adapter(WATERFALL), -0.6, None)],
+            "a plain implicit prompt beside a mask": [(adapter(WATERFALL), 0.5, first), (adapter(HORSE), 0.8, None)],
             "two masked, overlapping": [(adapter(HORSE), 0.8, first), (adapter(WATERFALL), 0.5, second)],
             "with DyMoS": [(adapter(HORSE), 0.8, first), (adapter(WATERFALL), 0.5, second)]}[case]
     patched = apply_stack(model, tuple(StackRow(a, w, True, m) for a, w, m in rows))
@@ -305,16 +307,18 @@ def test_masked_adapters_on_tiny_wan_equal_the_plain_reference(tiny_models, case
         frame = first.flatten()
         sa_bias = reference_pair_bias(frame.repeat(frames), frame.repeat(frames))
         cfa_biases = [reference_pair_bias(frame, torch.cat([frame, frame]))]
+        prompt_gates = [frame.repeat(frames)]
     else:
         masked = torch.stack([m.flatten() for _, _, m in rows if m is not None])
         region_bias, labels = reference_region_bias(masked)
         video_labels = labels.repeat(frames)
         sa_bias = torch.where(video_labels[:, None] == video_labels[None, :], 0.0, math.log(1e-4)).double()
         background = (labels == 0).float()
-        cfa_biases = []
-        for _, _, m in rows:
+        cfa_biases, prompt_gates = [], []
+        for _, _, m in rows:  # an adapter without a mask takes the background, in its CFA and its implicit prompt
             frame = background if m is None else m.flatten()
             cfa_biases.append(reference_pair_bias(frame, torch.cat([frame, frame])))
+            prompt_gates.append(frame.repeat(frames))
     if case == "with DyMoS":
         sa_bias = sa_bias.clone()
         sa_bias[per_frame:, :per_frame] -= strength
@@ -328,7 +332,8 @@ def test_masked_adapters_on_tiny_wan_equal_the_plain_reference(tiny_models, case
         t_emb = time_embedding(state, model_sampling.timestep(sigmas).double())
         block_rows = [(a.blocks[index], w, a.info.prompt_query_bias) for a, w, _ in rows]
         expected = reference_block(state, index, args["img"], args["vec"], args["pe"], args["txt"], block_rows, t_emb,
-                                   frames, patched.model.diffusion_model.num_heads, sa_bias, cfa_biases)
+                                   frames, patched.model.diffusion_model.num_heads, sa_bias, cfa_biases,
+                                   prompt_gates)
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
         unmasked = reference_block(state, index, args["img"], args["vec"], args["pe"], args["txt"], block_rows, t_emb,
                                    frames, patched.model.diffusion_model.num_heads)

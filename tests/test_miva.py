@@ -108,11 +108,12 @@ def dymos_bias(frames, per_frame, strength):
     return bias
 
 
-def reference_block(state, i, x, vec, pe, context, rows, t_emb, frames, heads, sa_bias=None, cfa_biases=None):
+def reference_block(state, i, x, vec, pe, context, rows, t_emb, frames, heads, sa_bias=None, cfa_biases=None,
+                    prompt_gates=None):
     """Wan block i with MIVA rows [(BlockAdapter, weight, prompt_query_bias)], float64 in, float64 out.
 
     ``sa_bias`` [N, N] on the self-attention logits (DyMoS, M-MIVA), ``cfa_biases[r]`` [T, 2T] on row r's
-    cross-frame ones (M-MIVA).
+    cross-frame ones, ``prompt_gates[r]`` [N] multiplying row r's implicit-prompt output (M-MIVA).
     """
     p = lambda name: state[f"blocks.{i}.{name}"]  # noqa: E731
     lin = lambda t, name: F.linear(t, p(f"{name}.weight"), p(f"{name}.bias"))  # noqa: E731
@@ -150,15 +151,18 @@ def reference_block(state, i, x, vec, pe, context, rows, t_emb, frames, heads, s
 
     # 3. the cross-attention, or the implicit prompts in place of the whole module, added directly
     xc = F.layer_norm(x, x.shape[-1:], p("norm3.weight"), p("norm3.bias"), eps=1e-6)
-    prompts = [(a.prompt, w, query_bias) for a, w, query_bias in rows if a.prompt is not None]
+    gates = prompt_gates or [None] * len(rows)
+    prompts = [(a.prompt, w, query_bias, g) for (a, w, query_bias), g in zip(rows, gates, strict=True)
+               if a.prompt is not None]
     if prompts:
-        for prompt, weight, query_bias in prompts:
+        for prompt, weight, query_bias, gate in prompts:
             projected = F.linear(xc, p("cross_attn.q.weight"), p("cross_attn.q.bias") if query_bias else None)
             qc = rms_norm(projected, p("cross_attn.norm_q.weight"))
             hidden = F.linear(qc, double(prompt.down_weight), double(prompt.down_bias))
             hidden = F.layer_norm(hidden, hidden.shape[-1:], double(prompt.norm_weight), double(prompt.norm_bias),
                                   eps=1e-5)
-            x = x + weight * F.linear(F.gelu(hidden), double(prompt.up_weight), double(prompt.up_bias))
+            out = weight * F.linear(F.gelu(hidden), double(prompt.up_weight), double(prompt.up_bias))
+            x = x + (out if gate is None else out * gate.double()[None, :, None])
     else:
         qc = rms_norm(lin(xc, "cross_attn.q"), p("cross_attn.norm_q.weight"))
         kc = rms_norm(lin(context, "cross_attn.k"), p("cross_attn.norm_k.weight"))
