@@ -23,12 +23,14 @@ MIVA, same run:
     noise does not move; peak resident memory of one run, weights included, each stack in a fresh process, over
     the bare model's; one MIVA Train step at the same geometry (time and peak memory, reported, no goal);
 (g) M-MIVA: one self-attention call with a subject-mask bias (one subject, or two subjects and the
-    background) vs plain: time at N = 4,096, peak memory at 4,096 and 16,384; sampling with masked
-    adapters vs the same adapters plain.
+    background) vs plain: time at N = 4,096, peak memory at 4,096 and 16,384; a feathered mask (ramps of 32 and
+    96 px) vs the binary one: time at 4,096 (and the soft rows' former path there) and, for 32 px, at 16,384;
+    memory over plain; sampling with masked adapters vs the same adapters plain.
 Prints a table and writes bench-results.json. Goals: (a) time <= 1.08, memory <= 1.05; (b) <= 1.02;
-(c) <= 1.01; (e) extra peak <= one (fp32) tensor; (f) every time ratio within 0.03 of its operation ratio
-(no cost beyond the math), memory <= 1.10;
-(g) memory at N = 16,384 <= 1.10, one masked adapter <= 1.15 times plain.
+(c) <= 1.01; (e) extra peak <= one (fp32) tensor; (f) every time ratio at most 0.03 above its operation ratio
+(no cost beyond the math; a ratio below it costs nothing and is printed, not judged), memory <= 1.10;
+(g) memory at N = 16,384 <= 1.10, one masked adapter <= 1.15 times plain, the 32 px feathered mask <= 1.15 times
+the binary one (its memory at 16,384 <= 1.10 of plain).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ else:  # the memory probe runs this file as a script
 
 GOALS = {"attention_time": 1.08, "attention_memory": 1.05, "end_to_end_time": 1.02, "switch_time": 1.01,
          "merge_extra_tensors": 1.0, "miva_time_vs_operations": 0.03, "miva_memory": 1.10,
-         "mask_attention_memory": 1.10, "masked_adapter": 1.15}
+         "mask_attention_memory": 1.10, "masked_adapter": 1.15, "soft_mask": 1.15}
 HEADS, DIM_HEAD = 12, 128
 # Token counts as latent frames x (height/2) x (width/2) of Wan: 4,096 and 16,384 tokens.
 GEOMETRIES = {4096: (16, 16, 16), 16384: (16, 32, 32)}
@@ -86,26 +88,32 @@ def attention_function(backend: str):
     return comfy_attention.optimized_attention if backend == "host_default" else getattr(comfy_attention, backend)
 
 
-def subject_masks(subjects: int) -> list:
-    """Masks of ``subjects`` overlapping discs in a 480 x 832 start image, as Subject Mask gives them."""
+def subject_masks(subjects: int, feather: float = 0.0) -> list:
+    """Masks of ``subjects`` overlapping discs in a 480 x 832 start image, as Subject Mask gives them; with
+    ``feather``, the edge a linear ramp that many pixels wide (a feathered or blurred MASK)."""
     import torch
 
     rows, columns = torch.meshgrid(torch.arange(480.0), torch.arange(832.0), indexing="ij")
-    return [((rows - 240) ** 2 + (columns - 300 - 230 * i) ** 2 < 160**2).float() for i in range(subjects)]
+    distances = [((rows - 240) ** 2 + (columns - 300 - 230 * i) ** 2).sqrt() for i in range(subjects)]
+    if not feather:
+        return [(distance < 160).float() for distance in distances]
+    return [((160 + feather / 2 - distance) / feather).clamp(0, 1) for distance in distances]
 
 
-def subject_scores(frames: int, height: int, width: int, subjects: int):
+def subject_scores(frames: int, height: int, width: int, subjects: int, feather: float = 0.0):
     """The masks' token scores (centre-cropped and resized to the token grid as MIVA does: 0 and 1 inside, soft on
     the edge), each on every frame, [subjects, F * H * W]."""
     import torch
 
     from motion_dials.nodes.miva import token_scores
 
-    return torch.stack([token_scores(mask, height, width, "cpu").repeat(frames) for mask in subject_masks(subjects)])
+    return torch.stack([token_scores(mask, height, width, "cpu").repeat(frames)
+                        for mask in subject_masks(subjects, feather)])
 
 
 def attention_effect(variant: str, frames: int, height: int, width: int):
     """The Motion Dials effect whose bias the attention call carries."""
+    from motion_dials.models.attention import QueryGroup
     from motion_dials.models.mask_attention import region_groups, region_map, score_groups
     from motion_dials.nodes.dymos import DyMoSEffect
     from motion_dials.nodes.patcher_core import MotionEffect
@@ -120,6 +128,13 @@ def attention_effect(variant: str, frames: int, height: int, width: int):
         def logit_bias(self, ctx):
             return self.groups
 
+    if variant.startswith("feathered"):  # "feathered N px", "feathered N px, rows": the soft scores' two paths
+        feather = float(variant.split()[1])
+        (soft,) = subject_scores(frames, height, width, 1, feather)
+        groups = score_groups(soft, soft)
+        if variant.endswith("rows"):  # the soft queries' own bias rows, as before KeyTerms
+            groups = [QueryGroup(g.start, g.stop, g.key_bias, g.positions, g.pair_bias) for g in groups]
+        return SubjectMaskBias(groups)
     scores = subject_scores(frames, height, width, 1 if variant == "subject mask" else 2)
     if variant == "subject mask":
         return SubjectMaskBias(score_groups(scores[0], scores[0]))
@@ -660,7 +675,8 @@ def main():
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply the number of timed runs (0.3 for a quick, noisier look)")
     parser.add_argument("--probe", nargs="+", help=argparse.SUPPRESS)
-    parser.add_argument("--only", choices=("dymos", "edg", "miva", "mmiva"), help="run one method's benchmarks")
+    parser.add_argument("--only", choices=("dymos", "edg", "miva", "mmiva", "soft-masks"),
+                        help="run one method's benchmarks (soft-masks: the part of mmiva on feathered masks)")
     parser.add_argument("--out", default=str(REPO / "bench-results.json"))
     args = parser.parse_args()
     if args.probe:
@@ -679,8 +695,9 @@ def main():
     import_host()
     register_tiny_models()
     results, within = {}, True
-    for name, run in (("dymos", run_dymos), ("edg", run_edg), ("miva", run_miva), ("mmiva", run_mmiva)):
-        if args.only in (None, name):
+    for name, run in (("dymos", run_dymos), ("edg", run_edg), ("miva", run_miva), ("mmiva", run_mmiva),
+                      ("soft-masks", run_soft_masks)):
+        if args.only == name or (args.only is None and name != "soft-masks"):  # mmiva includes soft-masks
             part, part_within = run(args.scale)
             results.update(part)
             within = within and part_within
@@ -747,13 +764,13 @@ def run_miva(scale: float) -> tuple[dict, bool]:
     for count in map(str, MIVA_ADAPTER_COUNTS):
         low, _, high = miva["ratio_quartiles"][count]
         gap, memory_ratio = miva["ratio_minus_flop_ratio"][count], miva["memory_ratio"][count]
-        met = abs(gap) <= goal and memory_ratio <= memory_goal
+        met = gap <= goal and memory_ratio <= memory_goal
         within = within and met
         print(f"  {count} adapters: median {miva['median_s'][count]:.2f} s; time ratio within rounds "
               f"{miva['ratio'][count]:.3f} in CPU time (quartiles {low:.3f}-{high:.3f}), "
               f"{miva['wall_ratio'][count]:.3f} in wall-clock time (ratio of medians "
               f"{miva['ratio_of_medians'][count]:.3f}); {miva['flops'][count] / 1e9:.1f} GFLOP, operation ratio "
-              f"{miva['flop_ratio'][count]:.3f}; time - operations {gap:+.3f} (goal within +-{goal}); peak "
+              f"{miva['flop_ratio'][count]:.3f}; time - operations {gap:+.3f} (goal <= +{goal}); peak "
               f"{miva['peak_bytes'][count] / 2**20:.0f} MiB (weights {miva['loaded_bytes'][count] / 2**20:.0f} MiB), "
               f"ratio {memory_ratio:.3f} (goal <= {memory_goal}){'' if met else '  OUTSIDE GOAL'}")
     training = bench_miva_training(2)
@@ -767,20 +784,83 @@ def run_miva(scale: float) -> tuple[dict, bool]:
     return {"miva": miva, "miva_training": training}, within
 
 
+FEATHERS = (32, 96)  # the feathered masks' ramps in pixels of the 480 x 832 image; the goal takes the first
+
+
+def soft_share(tokens: int, feather: float) -> float:
+    frames, height, width = GEOMETRIES[tokens]
+    (scores,) = subject_scores(1, height, width, 1, feather)
+    return float(((scores > 0) & (scores < 1)).float().mean())
+
+
+def bench_soft_masks(pairs_scale: float) -> list[dict]:
+    """A feathered subject mask vs the binary one in one self-attention call: time as pair ratios (both ramps at
+    N = 4,096, with the soft queries' own rows, the path before KeyTerms, beside them; the judged ramp at 16,384),
+    peak memory over plain."""
+    rows = []
+    for backend, tokens, feather in itertools.product(BACKENDS, GEOMETRIES, FEATHERS):
+        if tokens != 4096 and feather != FEATHERS[0]:
+            continue  # a 16,384-token pair takes a minute or more on 2 cores: only the judged ramp
+        variant = f"feathered {feather} px"
+        row = {"bench": f"attention N={tokens}, {variant}", "backend": attention_function(backend).__name__,
+               "soft_tokens": soft_share(tokens, feather)}
+        timing = timed_pairs(attention_case(tokens, "subject mask", backend), attention_case(tokens, variant, backend),
+                             max(3, round(ATTENTION_PAIRS[tokens] * pairs_scale)))
+        row.update(binary_s=timing["baseline_s"], soft_s=timing["candidate_s"], time_ratio=timing["pair_ratio"],
+                   time_ratio_quartiles=timing["pair_ratio_quartiles"])
+        if tokens == 4096:
+            rows_timing = timed_pairs(attention_case(tokens, "subject mask", backend),
+                                      attention_case(tokens, f"{variant}, rows", backend), 3)
+            row.update(rows_s=rows_timing["candidate_s"], rows_ratio=rows_timing["pair_ratio"])
+        memory = {kind: measure_memory(tokens, kind, backend) for kind in ("unpatched", variant)}
+        row.update(memory_ratio=memory[variant] / memory["unpatched"])
+        rows.append(row)
+    return rows
+
+
+def print_soft_rows(rows: list[dict]) -> bool:
+    print(f"soft vs binary subject mask (goal: time <= {GOALS['soft_mask']} at a {FEATHERS[0]} px ramp, memory <= "
+          f"{GOALS['mask_attention_memory']} of plain):")
+    within = True
+    for row in rows:
+        low, high = row["time_ratio_quartiles"]
+        judged = row["bench"].endswith(f"feathered {FEATHERS[0]} px")
+        # memory is judged at N = 16,384, as for the binary masks: at 4,096 the gathered queries weigh more
+        met = (row["memory_ratio"] <= GOALS["mask_attention_memory"] or not row["bench"].startswith("attention N=16384")
+               ) and (not judged or row["time_ratio"] <= GOALS["soft_mask"])
+        within = within and met
+        rows_part = (f"; own rows (before): {row['rows_s']:.3f} s, {row['rows_ratio']:.2f} x binary"
+                     if "rows_ratio" in row else "")
+        print(f"  {row['bench']} ({row['backend']}), {row['soft_tokens']:.0%} soft tokens: binary {row['binary_s']:.3f}"
+              f" s, soft {row['soft_s']:.3f} s, ratio {row['time_ratio']:.3f} ({low:.3f}-{high:.3f})"
+              f"{'' if judged else ' (reported)'}{rows_part}; memory {row['memory_ratio']:.3f} of plain"
+              f"{'' if met else '  OUTSIDE GOAL'}")
+    return within
+
+
+def run_soft_masks(scale: float) -> tuple[dict, bool]:
+    rows = bench_soft_masks(scale)
+    return {"soft_masks": rows}, print_soft_rows(rows)
+
+
 def run_mmiva(scale: float) -> tuple[dict, bool]:
-    """Subject-mask attention (time at N = 4,096; memory also at 16,384, the goal's size), then sampling."""
+    """Subject-mask attention (time at N = 4,096; memory also at 16,384, the goal's size), soft vs binary masks,
+    then sampling."""
     attention_rows = []
     for variant in ("subject mask", "two subjects"):
         attention_rows += bench_attention(scale, variant, timed=(4096,), measured=(4096, 16384))
     print_attention_rows(attention_rows, None, GOALS["mask_attention_memory"])
+    soft_rows = bench_soft_masks(scale)
+    soft_within = print_soft_rows(soft_rows)
     sampling = bench_masked_adapters(max(3, round(8 * scale)))
     print(f"{sampling['bench']}, {sampling['tokens']} tokens, 2 euler steps, cfg 1: "
           + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in sampling["median_s"].items()))
     print(f"  masked / plain: one adapter {sampling['one_ratio']:.3f} (goal <= {GOALS['masked_adapter']}), "
           f"two adapters {sampling['two_ratio']:.3f}")
     within = (all(row["memory_ratio"] <= GOALS["mask_attention_memory"] for row in attention_rows
-                  if row["bench"].startswith("attention N=16384")) and sampling["one_ratio"] <= GOALS["masked_adapter"])
-    return {"mask_attention": attention_rows, "masked_adapters": sampling}, within
+                  if row["bench"].startswith("attention N=16384")) and sampling["one_ratio"] <= GOALS["masked_adapter"]
+              and soft_within)
+    return {"mask_attention": attention_rows, "soft_masks": soft_rows, "masked_adapters": sampling}, within
 
 
 if __name__ == "__main__":

@@ -30,9 +30,9 @@ from motion_dials.nodes.miva_train import (
     model_forward,
     read_clips,
     train,
-    video_clips,
     training_mode,
     training_model,
+    video_clips,
 )
 from motion_dials.nodes.patcher_core import held_calls
 
@@ -274,12 +274,13 @@ def test_node_saves_an_adapter_the_loader_reads_with_its_metadata(model, vae, in
 
 def test_videos_give_the_folders_clips_and_replace_the_folder(model, vae, input_dir, miva_folder):
     """A list of VIDEO (what core Load Video (from Folder) gives) decodes to the folder's clips and is trained on."""
-    from comfy_api.latest import InputImpl, Types as types
+    from comfy_api.latest import InputImpl
+    from comfy_api.latest import Types as types
 
     videos = [InputImpl.VideoFromFile(str(path)) for path in sorted((input_dir / "horse").iterdir())]
     from_videos, from_folder = video_clips(videos, FRAMES, SIZE, SIZE), read_clips("horse", FRAMES, SIZE, SIZE)
     assert [c.name for c in from_videos] == [c.name for c in from_folder] == ["clip0.mp4", "clip1.mp4"]
-    for a, b in zip(from_videos, from_folder):
+    for a, b in zip(from_videos, from_folder, strict=True):
         assert a.frames.shape == b.frames.shape == (FRAMES + 2, SIZE, SIZE, 3)
         assert torch.equal(a.frames, b.frames)
     # a video made of frames (Create Video) is taken as the host gives its frames, at the training size
