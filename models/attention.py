@@ -13,10 +13,7 @@ positions inside a range (a region of a subject mask; they are gathered for the
 call and scattered back). Queries whose bias row is their own (the soft edge of
 a mask) form a group with a ``pair_bias``: their rows are computed a small
 chunk of queries at a time, so no more than a fraction of one output is ever
-held as bias. Where such a bias is a sum of a few query-times-key terms under
-the exponential (``KeyTerms``), the group runs instead as ordinary attention over
-the keys and copies of some of them, with a few extra query and key dimensions
-carrying each query's terms: shared rows again, at the cost of the copied keys.
+held as bias.
 """
 
 from __future__ import annotations
@@ -34,29 +31,6 @@ CALLS_PER_OUTPUT = 8
 
 
 PairBias = Callable[[torch.Tensor], torch.Tensor]  # query positions [n] -> their bias rows [n, keys]
-DIM_ALIGNMENT = 8  # fused kernels take head sizes in multiples of 8
-
-
-@dataclass(frozen=True)
-class KeyTerms:
-    """A per-query bias in the form ``exp(bias[p, j]) = sum over the extended keys e that copy key j of
-    exp(row[e] + query_terms(p)[kind[e]])``.
-
-    ``key_index`` ``[E]`` names the key each extended key copies (every key at least once), ``kind`` ``[E]`` which
-    of the T query terms it takes, ``row`` ``[E]`` its own bias; ``query_terms(positions)`` gives ``[n, T]`` finite
-    log-coefficients. Attention over the E extended keys, whose logits gain ``query_terms(p)[kind[e]]`` through T
-    extra dimensions of q and k, equals attention over the keys with that bias: the softmax weights of a key's
-    copies add up to the key's weight.
-    """
-
-    key_index: torch.Tensor
-    kind: torch.Tensor
-    row: torch.Tensor
-    query_terms: Callable[[torch.Tensor], torch.Tensor]
-
-    @property
-    def terms(self) -> int:
-        return int(self.kind.max()) + 1
 
 
 @dataclass(frozen=True)
@@ -68,9 +42,7 @@ class QueryGroup:
     queries) or ``None`` for no bias. ``positions``, when given, is a sorted 1-D
     long tensor of the group's queries, all inside ``start:stop``. ``pair_bias``,
     when given, returns the bias rows of any of the group's queries, added on
-    top of ``key_bias``. ``key_terms``, when given, is the same bias as
-    ``pair_bias`` in the form attention computes without building rows; the
-    attention uses it, the probabilities of the diagnostics the rows.
+    top of ``key_bias``.
     """
 
     start: int
@@ -78,7 +50,6 @@ class QueryGroup:
     key_bias: torch.Tensor | None = None
     positions: torch.Tensor | None = None
     pair_bias: PairBias | None = None
-    key_terms: KeyTerms | None = None
 
     @property
     def empty(self) -> bool:
@@ -119,8 +90,6 @@ def combine_groups(first: Sequence[QueryGroup], second: Sequence[QueryGroup]) ->
                 _sum_or_either(a.key_bias, b.key_bias, lambda x, y: x + y),
                 _shared_positions(a, b, start, stop),
                 _sum_or_either(a.pair_bias, b.pair_bias, lambda f, g: lambda positions: f(positions) + g(positions)),
-                # the terms of one group survive a key-bias row of the other; two own biases fall back to rows
-                a.key_terms if b.pair_bias is None else b.key_terms if a.pair_bias is None else None,
             )
             if not group.empty:
                 combined.append(group)
@@ -202,10 +171,6 @@ def grouped_bias_attention(
         key_bias = None
         if group.key_bias is not None:
             key_bias = group.key_bias.to(dtype=q.dtype, device=q.device).view(1, 1, 1, -1)
-        if group.key_terms is not None:
-            _attend_with_key_terms(attend, q, k, v, heads, group, key_bias, base_mask, out_by_head, rows,
-                                   skip_reshape, kwargs)
-            continue
         for chunk in query_chunks(group, pair_rows if group.pair_bias is not None else rows):
             chunk_bias = key_bias
             if group.pair_bias is not None:
@@ -232,56 +197,6 @@ def grouped_bias_attention(
                     out_by_head[:, head:head_stop].index_copy_(2, chunk, result)
                 del result  # before the next call allocates its own
     return out
-
-
-def _attend_with_key_terms(attend, q, k, v, heads, group: QueryGroup, key_bias, base_mask, out_by_head, rows,
-                           skip_reshape, kwargs):
-    """One group whose bias is ``group.key_terms``: attention over the extended keys, one head at a time (the
-    copied keys and values of one head are the only memory beyond plain attention: about 1/heads of k and v).
-
-    The attention function scales logits by its head size: with T extra dimensions padded to a multiple of 8
-    (``D'``), q is multiplied by sqrt(D' / D) and a query's terms by sqrt(D'), so the logits are exactly
-    ``q.k / sqrt(D) + term`` (values padded with zeros; their extra outputs dropped)."""
-    terms = group.key_terms
-    dim_head = q.shape[-1]
-    extra = terms.terms + (-(dim_head + terms.terms)) % DIM_ALIGNMENT
-    wide = dim_head + extra
-    # q, k, v as [B, H, N, D] views either way
-    q4, k4, v4 = (t if skip_reshape else t.transpose(1, 2) for t in (q, k, v))
-    index = terms.key_index.to(q.device)
-    selector = torch.zeros(index.numel(), extra, dtype=q.dtype, device=q.device)
-    selector[torch.arange(index.numel(), device=q.device), terms.kind.to(q.device)] = 1.0
-    row = terms.row.to(dtype=q.dtype, device=q.device).view(1, 1, 1, -1)
-    if key_bias is not None:
-        row = row + key_bias.index_select(-1, index)
-    masks = None if base_mask is None else base_mask.index_select(-1, index)
-    q_scale, term_scale = (wide / dim_head) ** 0.5, wide ** 0.5
-    for head in range(heads):
-        keys = k4[:, head:head + 1].index_select(2, index)
-        keys = torch.cat([keys, selector.expand(keys.shape[0], 1, -1, -1)], dim=-1)
-        values = v4[:, head:head + 1].index_select(2, index)
-        values = torch.cat([values, values.new_zeros(*values.shape[:-1], extra)], dim=-1)
-        for chunk in query_chunks(group, rows):
-            positions = chunk if not isinstance(chunk, tuple) else torch.arange(*chunk, device=q.device)
-            queries = _select_queries(q4[:, head:head + 1], 2, chunk) * q_scale
-            own = terms.query_terms(positions).to(dtype=q.dtype, device=q.device) * term_scale
-            own = torch.cat([own, own.new_zeros(own.shape[0], extra - own.shape[1])], dim=-1)
-            queries = torch.cat([queries, own.expand(queries.shape[0], 1, -1, -1)], dim=-1)
-            call_mask = row
-            if masks is not None:
-                part = masks[:, head:head + 1] if masks.shape[1] != 1 else masks
-                part = _select_queries(part, 2, chunk) if part.shape[2] != 1 else part
-                call_mask = call_mask + part
-            part = [queries, keys, values]
-            if not skip_reshape:
-                part = [t.transpose(1, 2).flatten(2) for t in part]
-            result = attend(*part, 1, mask=call_mask, skip_reshape=skip_reshape, skip_output_reshape=True,
-                            **kwargs)[..., :dim_head]
-            if isinstance(chunk, tuple):
-                out_by_head[:, head:head + 1, chunk[0]:chunk[1]].copy_(result)
-            else:
-                out_by_head[:, head:head + 1].index_copy_(2, chunk, result)
-            del result
 
 
 def _select_queries(tensor: torch.Tensor, axis: int, chunk) -> torch.Tensor:

@@ -4,15 +4,7 @@ Tokens p and q with subject scores m_p, m_q in [0, 1] agree by ``M = m_p m_q + (
 logit gets ``clamp(log(M + 1e-4), -20, 0)``: 0 inside one region, log(1e-4) = -9.2 across regions. A query's bias
 row depends on its own score only, so queries of one score share a row: a binary mask makes two groups (subject and
 background), a map of several subjects one group per region, and the soft edge of a resized mask (scores strictly
-between 0 and 1) one group. No N x N bias is ever built.
-
-The soft group needs no rows of its own either. Under the exponential its bias is a sum of query-times-key terms:
-``M + 1e-4`` is ``1 - m_p + 1e-4`` on a background key (m_q = 0), ``m_p + 1e-4`` on a subject key (m_q = 1), and
-``(1 - m_p)(1 - m_q + 1e-4) + m_p (m_q + 1e-4)`` on a soft key. So the soft queries attend to every key plus a copy
-of each soft key, the four query terms riding in extra dimensions (``KeyTerms``), at the cost of the copied keys.
-This is the clamped bias exactly, except on a pair of soft query and soft key whose ``M`` exceeds ``1 - 1e-4``
-(both scores within about 1e-4 of the same end), where the ceiling's clamp is not applied: a logit at most
-``log(1 + 1e-4)`` (about 1e-4) too high.
+between 0 and 1) one group whose rows are computed a chunk of queries at a time. No N x N bias is ever built.
 
 Several masked adapters share one region map: a token belongs to the subject of the last adapter (in stack order)
 whose score is above one half there, else to the background; the bias is then 0 inside a region and log(1e-4)
@@ -25,7 +17,7 @@ import math
 
 import torch
 
-from .attention import KeyTerms, QueryGroup
+from .attention import QueryGroup
 
 MASK_EPS = 1e-4
 BIAS_FLOOR, BIAS_CEILING = -20.0, 0.0
@@ -45,42 +37,18 @@ def pair_bias(query_scores: torch.Tensor, key_scores: torch.Tensor) -> torch.Ten
     return agreement.add_(MASK_EPS).log_().clamp_(BIAS_FLOOR, BIAS_CEILING)
 
 
-def score_terms(query_scores: torch.Tensor, key_scores: torch.Tensor) -> KeyTerms:
-    """The bias of soft queries (scores in (0, 1)) against keys with scores ``[L]`` as ``KeyTerms``: the keys, then
-    a copy of each soft key; terms 0 and 1 for background and subject keys, 2 and 3 for a soft key and its copy."""
-    length = key_scores.numel()
-    soft = ((key_scores > 0) & (key_scores < 1)).nonzero().flatten()
-    kind = torch.full((length,), 2, dtype=torch.long, device=key_scores.device)
-    kind[key_scores == 0], kind[key_scores == 1] = 0, 1
-    soft_scores = key_scores.float()[soft]
-    row = torch.zeros(length + soft.numel(), dtype=torch.float32, device=key_scores.device)
-    row[soft] = torch.log1p(MASK_EPS - soft_scores)
-    row[length:] = torch.log(soft_scores + MASK_EPS)
-    copies = torch.full((soft.numel(),), 3, dtype=torch.long, device=key_scores.device)
-
-    def query_terms(positions: torch.Tensor) -> torch.Tensor:
-        m = query_scores[positions].float()
-        # the ceiling's clamp at 0 on the two binary kinds, where the term is the whole bias
-        return torch.stack([torch.log1p(MASK_EPS - m).clamp(max=BIAS_CEILING),
-                            torch.log(m + MASK_EPS).clamp(max=BIAS_CEILING), torch.log1p(-m), torch.log(m)], dim=-1)
-
-    return KeyTerms(torch.cat([torch.arange(length, device=key_scores.device), soft]), torch.cat([kind, copies]),
-                    row, query_terms)
-
-
-def _group(positions: torch.Tensor, length: int, key_bias=None, pair=None, terms=None) -> QueryGroup:
+def _group(positions: torch.Tensor, length: int, key_bias=None, pair=None) -> QueryGroup:
     """Queries at ``positions`` of ``length``; as a plain range when they are one contiguous run (no gathering)."""
     first, last = int(positions[0]), int(positions[-1])
     if last - first + 1 == positions.numel():
-        return QueryGroup(first, last + 1, key_bias, None, pair, terms)
-    return QueryGroup(0, length, key_bias, positions, pair, terms)
+        return QueryGroup(first, last + 1, key_bias, None, pair)
+    return QueryGroup(0, length, key_bias, positions, pair)
 
 
 def score_groups(query_scores: torch.Tensor, key_scores: torch.Tensor) -> list[QueryGroup]:
     """One subject's bias for queries with scores ``[Lq]`` against keys with scores ``[Lk]``.
 
-    Queries at exactly 0 or 1 share one key-bias row each; the others form one group whose bias the attention
-    computes from ``score_terms`` (its exact rows, ``pair_bias``, serve the diagnostics).
+    Queries at exactly 0 or 1 share one key-bias row each; the others form one group with their own rows.
     """
     length = query_scores.numel()
     groups = []
@@ -90,8 +58,7 @@ def score_groups(query_scores: torch.Tensor, key_scores: torch.Tensor) -> list[Q
             groups.append(_group(positions, length, pair_bias(query_scores.new_tensor([value]), key_scores)[0]))
     soft = ((query_scores > 0) & (query_scores < 1)).nonzero().flatten()
     if soft.numel():
-        groups.append(_group(soft, length, pair=lambda positions: pair_bias(query_scores[positions], key_scores),
-                             terms=score_terms(query_scores, key_scores)))
+        groups.append(_group(soft, length, pair=lambda positions: pair_bias(query_scores[positions], key_scores)))
     return groups
 
 
