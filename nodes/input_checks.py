@@ -34,26 +34,8 @@ class MotionDialsNode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, **values) -> bool | str:
-        if cls.INPUT_IS_LIST:  # ComfyUI validates such a node's widget values as lists of one
-            values = {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in values.items()}
         problems = cls.input_problems(values)
         return "; ".join(problems) if problems else True
-
-    @classmethod
-    def single_values(cls, values: dict, lists: tuple[str, ...] = ()) -> dict:
-        """The inputs of a node whose schema takes lists (``is_input_list``), where ComfyUI passes every input as a
-        list: each input but those of ``lists`` as its one value, and an error naming the input that got several
-        (a list output connected to it) instead of silently taking the first."""
-        singles = {}
-        for name, value in values.items():
-            if name in lists or value is None:
-                singles[name] = value
-            elif len(value) != 1:
-                raise ValueError(f"{title_of(cls.define_schema())}: {name} got {len(value)} values from a list; it "
-                                 "takes one. Connect an output that gives a single value.")
-            else:
-                singles[name] = value[0]
-        return singles
 
     @classmethod
     def extra_problems(cls, values: dict) -> list[str]:

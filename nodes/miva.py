@@ -248,7 +248,7 @@ class MivaEffect(MotionEffect):
         if not self.prompt_rows:
             return None
         weights = self._block_weights(ctx.block_index, normed_stream)
-        plan = self._mask_plan(ctx.layout, normed_stream.device)
+        plan = self._mask_plan(ctx.layout, normed_stream.device) if self.masked else None
         result = None
         for query_bias in sorted({self.rows[i].adapter.info.prompt_query_bias for i in self.prompt_rows}):
             # The frozen query every implicit prompt of the stack shares: the base cross-attention's own.

@@ -78,7 +78,7 @@ import comfy.utils
 import folder_paths
 import torch
 import torch.utils.checkpoint
-from comfy_api.latest import InputImpl, io, ui
+from comfy_api.latest import io, ui
 
 from ..models.miva import Adapter, AdapterInfo, initial_tensors, save_adapter
 from ..models.miva_training import (
@@ -161,21 +161,18 @@ def clip_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def decode_video(source, name: str, width: int, height: int) -> torch.Tensor:
-    """Every frame of a video (a file's path, or a file object), by PyAV, scaled and centre-cropped to width x height
-    as it is decoded (so a long or large clip never sits in memory at full size), as [N, H, W, 3] floats in [0, 1];
-    a clear error if unreadable."""
+def decode_video(path: Path) -> torch.Tensor:
+    """Every frame of a video file as [N, H, W, 3] floats in [0, 1], by PyAV; a clear error if unreadable."""
     import av
 
     try:
-        with av.open(str(source) if isinstance(source, Path) else source) as container:
-            frames = [fit(torch.from_numpy(frame.to_ndarray(format="rgb24"))[None].float() / 255.0, width, height)
-                      for frame in container.decode(video=0)]
+        with av.open(str(path)) as container:
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
     except (av.error.FFmpegError, ValueError, IndexError, OSError) as error:
-        raise ValueError(f"{NODE}: the clip {name} cannot be read as a video ({error}).") from None
+        raise ValueError(f"{NODE}: the clip {path.name} cannot be read as a video ({error}).") from None
     if not frames:
-        raise ValueError(f"{NODE}: the clip {name} has no video frames.")
-    return torch.cat(frames)
+        raise ValueError(f"{NODE}: the clip {path.name} has no video frames.")
+    return torch.from_numpy(__import__("numpy").stack(frames)).float() / 255.0
 
 
 def fit(frames: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -184,33 +181,14 @@ def fit(frames: torch.Tensor, width: int, height: int) -> torch.Tensor:
     return resized.movedim(1, -1).clamp(0.0, 1.0)
 
 
-def long_enough(name: str, video: torch.Tensor, frames: int) -> Clip:
-    if video.shape[0] < frames:
-        raise ValueError(f"{NODE}: the clip {name} has {video.shape[0]} frames, fewer than frames ({frames}). Use "
-                         "longer clips or fewer frames (4k + 1).")
-    return Clip(name, video)
-
-
 def read_clips(folder: str | Path, frames: int, width: int, height: int) -> list[Clip]:
-    return [long_enough(path.name, decode_video(path, path.name, width, height), frames)
-            for path in clip_files(folder)]
-
-
-def video_clips(videos: list, frames: int, width: int, height: int) -> list[Clip]:
-    """Clips from ComfyUI VIDEO values (core Load Video (from Folder) gives a list). A whole video file is decoded as
-    the folder's clips are, frame by frame at the training size; a trimmed one or one made of frames (Create Video)
-    as the host gives its frames."""
     clips = []
-    for index, video in enumerate(videos):
-        # only a file's own stream: the default stream of other videos is a lossy re-encoding of their frames
-        source = video.get_stream_source() if isinstance(video, InputImpl.VideoFromFile) else None
-        name = Path(source).name if isinstance(source, str) else f"video {index + 1}"
-        trimmed = hasattr(video, "get_active_trim_window") and video.get_active_trim_window() != (0.0, 0.0)
-        if source is not None and not trimmed:
-            images = decode_video(source, name, width, height)
-        else:
-            images = fit(video.get_components().images.float().cpu(), width, height)
-        clips.append(long_enough(name, images, frames))
+    for path in clip_files(folder):
+        video = decode_video(path)
+        if video.shape[0] < frames:
+            raise ValueError(f"{NODE}: the clip {path.name} has {video.shape[0]} frames, fewer than frames "
+                             f"({frames}). Use longer clips or fewer frames (4k + 1).")
+        clips.append(Clip(path.name, fit(video, width, height)))
     return clips
 
 
@@ -434,10 +412,10 @@ class MIVATrain(MotionDialsNode):
                                "models and other families are refused. Its own sampling (shift) sets the training "
                                "timesteps."),
                 io.Vae.Input("vae", tooltip="The Wan 2.1 VAE; each clip window is encoded once and cached."),
-                io.Combo.Input("clips", options=folder_paths.get_input_subfolders(), optional=True,
+                io.Combo.Input("clips", options=folder_paths.get_input_subfolders(),
                                tooltip="A folder in ComfyUI's input directory with the training clips (video files: "
                                "mp4, webm, mov, mkv, ...), about ten of one motion. Each must have at least "
-                               "'frames' frames. Not used when videos is connected."),
+                               "'frames' frames."),
                 io.String.Input("motion", default="", tooltip="What the adapter animates, e.g. 'horse running' "
                                 "(saved in the file; MIVA Loader shows it)."),
                 io.String.Input("subject", default="", tooltip="The word that finds the moving subject in an image "
@@ -479,14 +457,7 @@ class MIVATrain(MotionDialsNode):
                 io.Boolean.Input("overwrite", default=False,
                                  tooltip="Replace an existing adapter of that name. Off: an existing file (without a "
                                  "training state to resume) stops the node before training."),
-                io.Video.Input("videos", optional=True,
-                               tooltip="The training clips as videos instead of a folder, e.g. the list of core Load "
-                               "Video (from Folder) or a few Load Video nodes; each is scaled and centre-cropped like "
-                               "the folder's clips."),
             ],
-            # the clips may come as a list of VIDEO (core Load Video (from Folder)), which only a list input takes
-            # whole; ComfyUI then passes every input as a list
-            is_input_list=True,
             outputs=[MivaStackType.Output(display_name="stack", tooltip="The trained adapter as a stack of one, "
                                           "weight 1, for MIVA Apply."),
                      io.Image.Output(display_name="loss_curve", tooltip="The loss per step and its running mean.")],
@@ -495,15 +466,9 @@ class MIVATrain(MotionDialsNode):
         )
 
     @classmethod
-    def execute(cls, **lists) -> io.NodeOutput:
-        values = cls.single_values(lists, lists=("videos",))
-        return cls.train_node(**values)
-
-    @classmethod
-    def train_node(cls, model, vae, motion, subject, frames, width, height, steps, learning_rate, cfa_rank,
-                   prompt_rank, seed, gradient_checkpointing, precision, checkpoint_interval, resume, file_name,
-                   overwrite, clips=None, videos=None) -> io.NodeOutput:
-        """The node on its single values (``execute`` receives ComfyUI's lists)."""
+    def execute(cls, model, vae, clips, motion, subject, frames, width, height, steps, learning_rate, cfa_rank,
+                prompt_rank, seed, gradient_checkpointing, precision, checkpoint_interval, resume, file_name,
+                overwrite) -> io.NodeOutput:
         cls.check_inputs(frames=frames, width=width, height=height, steps=steps, learning_rate=learning_rate,
                          cfa_rank=cfa_rank, prompt_rank=prompt_rank, seed=seed, precision=precision,
                          gradient_checkpointing=gradient_checkpointing, checkpoint_interval=checkpoint_interval,
@@ -511,11 +476,8 @@ class MIVATrain(MotionDialsNode):
         check_model(model)
         check_vae(vae, width, height)
         check_frame_count(frames)
-        if not videos and not clips:
-            raise ValueError(f"{NODE}: no clips. Pick a folder of clips in clips, or connect videos (e.g. Load Video "
-                             "(from Folder)).")
         target = output_path(file_name.strip() or default_file_name(motion))
-        loaded = video_clips(videos, frames, width, height) if videos else read_clips(clips, frames, width, height)
+        loaded = read_clips(clips, frames, width, height)
         node_id = getattr(cls.hidden, "unique_id", None) if getattr(cls, "hidden", None) is not None else None
         bar = comfy.utils.ProgressBar(steps)
         server = _prompt_server()

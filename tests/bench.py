@@ -24,8 +24,8 @@ MIVA, same run:
     the bare model's; one MIVA Train step at the same geometry (time and peak memory, reported, no goal);
 (g) M-MIVA: one self-attention call with a subject-mask bias (one subject, or two subjects and the
     background) vs plain: time at N = 4,096, peak memory at 4,096 and 16,384; a feathered mask (ramps of 32 and
-    96 px) vs the binary one: time at 4,096 (and the soft rows' former path there) and, for 32 px, at 16,384;
-    memory over plain; sampling with masked adapters vs the same adapters plain.
+    96 px) vs the binary one: time at 4,096 and, for 32 px, at 16,384; memory over plain; sampling with masked
+    adapters vs the same adapters plain.
 Prints a table and writes bench-results.json. Goals: (a) time <= 1.08, memory <= 1.05; (b) <= 1.02;
 (c) <= 1.01; (e) extra peak <= one (fp32) tensor; (f) every time ratio at most 0.03 above its operation ratio
 (no cost beyond the math; a ratio below it costs nothing and is printed, not judged), memory <= 1.10;
@@ -113,7 +113,6 @@ def subject_scores(frames: int, height: int, width: int, subjects: int, feather:
 
 def attention_effect(variant: str, frames: int, height: int, width: int):
     """The Motion Dials effect whose bias the attention call carries."""
-    from motion_dials.models.attention import QueryGroup
     from motion_dials.models.mask_attention import region_groups, region_map, score_groups
     from motion_dials.nodes.dymos import DyMoSEffect
     from motion_dials.nodes.patcher_core import MotionEffect
@@ -128,13 +127,9 @@ def attention_effect(variant: str, frames: int, height: int, width: int):
         def logit_bias(self, ctx):
             return self.groups
 
-    if variant.startswith("feathered"):  # "feathered N px", "feathered N px, rows": the soft scores' two paths
-        feather = float(variant.split()[1])
-        (soft,) = subject_scores(frames, height, width, 1, feather)
-        groups = score_groups(soft, soft)
-        if variant.endswith("rows"):  # the soft queries' own bias rows, as before KeyTerms
-            groups = [QueryGroup(g.start, g.stop, g.key_bias, g.positions, g.pair_bias) for g in groups]
-        return SubjectMaskBias(groups)
+    if variant.startswith("feathered"):  # "feathered N px"
+        (soft,) = subject_scores(frames, height, width, 1, float(variant.split()[1]))
+        return SubjectMaskBias(score_groups(soft, soft))
     scores = subject_scores(frames, height, width, 1 if variant == "subject mask" else 2)
     if variant == "subject mask":
         return SubjectMaskBias(score_groups(scores[0], scores[0]))
@@ -795,8 +790,7 @@ def soft_share(tokens: int, feather: float) -> float:
 
 def bench_soft_masks(pairs_scale: float) -> list[dict]:
     """A feathered subject mask vs the binary one in one self-attention call: time as pair ratios (both ramps at
-    N = 4,096, with the soft queries' own rows, the path before KeyTerms, beside them; the judged ramp at 16,384),
-    peak memory over plain."""
+    N = 4,096, the judged ramp also at 16,384), peak memory over plain."""
     rows = []
     for backend, tokens, feather in itertools.product(BACKENDS, GEOMETRIES, FEATHERS):
         if tokens != 4096 and feather != FEATHERS[0]:
@@ -808,10 +802,6 @@ def bench_soft_masks(pairs_scale: float) -> list[dict]:
                              max(3, round(ATTENTION_PAIRS[tokens] * pairs_scale)))
         row.update(binary_s=timing["baseline_s"], soft_s=timing["candidate_s"], time_ratio=timing["pair_ratio"],
                    time_ratio_quartiles=timing["pair_ratio_quartiles"])
-        if tokens == 4096:
-            rows_timing = timed_pairs(attention_case(tokens, "subject mask", backend),
-                                      attention_case(tokens, f"{variant}, rows", backend), 3)
-            row.update(rows_s=rows_timing["candidate_s"], rows_ratio=rows_timing["pair_ratio"])
         memory = {kind: measure_memory(tokens, kind, backend) for kind in ("unpatched", variant)}
         row.update(memory_ratio=memory[variant] / memory["unpatched"])
         rows.append(row)
@@ -829,11 +819,9 @@ def print_soft_rows(rows: list[dict]) -> bool:
         met = (row["memory_ratio"] <= GOALS["mask_attention_memory"] or not row["bench"].startswith("attention N=16384")
                ) and (not judged or row["time_ratio"] <= GOALS["soft_mask"])
         within = within and met
-        rows_part = (f"; own rows (before): {row['rows_s']:.3f} s, {row['rows_ratio']:.2f} x binary"
-                     if "rows_ratio" in row else "")
         print(f"  {row['bench']} ({row['backend']}), {row['soft_tokens']:.0%} soft tokens: binary {row['binary_s']:.3f}"
               f" s, soft {row['soft_s']:.3f} s, ratio {row['time_ratio']:.3f} ({low:.3f}-{high:.3f})"
-              f"{'' if judged else ' (reported)'}{rows_part}; memory {row['memory_ratio']:.3f} of plain"
+              f"{'' if judged else ' (reported)'}; memory {row['memory_ratio']:.3f} of plain"
               f"{'' if met else '  OUTSIDE GOAL'}")
     return within
 

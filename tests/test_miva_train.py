@@ -1,6 +1,5 @@
 """MIVA Train on the tiny Wan 2.1 T2V and the tiny Wan VAE, with tiny synthetic clips written by PyAV."""
 
-import fractions
 import json
 import os
 import subprocess
@@ -32,7 +31,6 @@ from motion_dials.nodes.miva_train import (
     train,
     training_mode,
     training_model,
-    video_clips,
 )
 from motion_dials.nodes.patcher_core import held_calls
 
@@ -104,15 +102,10 @@ SETTINGS = dict(motion="horse running", subject="horse", frames=FRAMES, width=SI
                 checkpoint_interval=0, resume=True, overwrite=False)
 
 
-# MIVA Train's widget values for a run of seconds; the node takes lists (is_input_list), as ComfyUI passes them
+# MIVA Train's widget values for a run of seconds
 NODE_ARGS = dict(clips="horse", motion="horse running", subject="horse", frames=FRAMES, width=SIZE, height=SIZE,
                  steps=2, learning_rate=1e-3, cfa_rank=4, prompt_rank=4, seed=0, gradient_checkpointing=False,
                  precision="fp32", checkpoint_interval=0, resume=True, file_name="bad.safetensors", overwrite=False)
-
-
-def as_lists(values: dict, **changes) -> dict:
-    """Inputs as ComfyUI passes them to a node that takes lists: each value a list of one (a list stays a list)."""
-    return {k: v if isinstance(v, list) else [v] for k, v in {**values, **changes}.items()}
 
 
 def nonzero_outputs(tensors: dict, seed: int = 9) -> dict:
@@ -259,8 +252,8 @@ def test_two_n_steps_equal_n_steps_checkpoint_and_n_resumed(model, vae, input_di
 
 
 def test_node_saves_an_adapter_the_loader_reads_with_its_metadata(model, vae, input_dir, miva_folder):
-    stack, curve = MIVATrain.execute(**as_lists(NODE_ARGS, model=model, vae=vae, steps=4, seed=1,
-                                                gradient_checkpointing=True, file_name="trained.safetensors")).result
+    stack, curve = MIVATrain.execute(**{**NODE_ARGS, "model": model, "vae": vae, "steps": 4, "seed": 1,
+                                        "gradient_checkpointing": True, "file_name": "trained.safetensors"}).result
     assert curve.shape[0] == 1 and curve.shape[-1] == 3
     (row,) = stack
     assert row.adapter.info.details["clips"] == "2" and row.adapter.info.details["resolution"] == f"{SIZE}x{SIZE}"
@@ -272,35 +265,6 @@ def test_node_saves_an_adapter_the_loader_reads_with_its_metadata(model, vae, in
     assert info.prompt_rank == 4 and info.query_rank == 4 and info.motion == "horse running"
 
 
-def test_videos_give_the_folders_clips_and_replace_the_folder(model, vae, input_dir, miva_folder):
-    """A list of VIDEO (what core Load Video (from Folder) gives) decodes to the folder's clips and is trained on."""
-    from comfy_api.latest import InputImpl
-    from comfy_api.latest import Types as types
-
-    videos = [InputImpl.VideoFromFile(str(path)) for path in sorted((input_dir / "horse").iterdir())]
-    from_videos, from_folder = video_clips(videos, FRAMES, SIZE, SIZE), read_clips("horse", FRAMES, SIZE, SIZE)
-    assert [c.name for c in from_videos] == [c.name for c in from_folder] == ["clip0.mp4", "clip1.mp4"]
-    for a, b in zip(from_videos, from_folder, strict=True):
-        assert a.frames.shape == b.frames.shape == (FRAMES + 2, SIZE, SIZE, 3)
-        assert torch.equal(a.frames, b.frames)
-    # a video made of frames (Create Video) is taken as the host gives its frames, at the training size
-    made = InputImpl.VideoFromComponents(types.VideoComponents(images=from_folder[0].frames.flip(2),
-                                                                frame_rate=fractions.Fraction(8)))
-    (clip,) = video_clips([made], FRAMES, SIZE // 2, SIZE // 2)
-    assert clip.name == "video 1" and clip.frames.shape == (FRAMES + 2, SIZE // 2, SIZE // 2, 3)
-    torch.testing.assert_close(clip.frames, torch.nn.functional.avg_pool2d(
-        from_folder[0].frames.flip(2).movedim(-1, 1), 2).movedim(1, -1), rtol=0, atol=0.02)
-    # the folder named in clips is the one with a too-short clip: connected videos replace it
-    (row,), _ = MIVATrain.execute(**as_lists(NODE_ARGS, model=model, vae=vae, clips="short", videos=videos,
-                                             file_name="videos.safetensors")).result
-    assert row.adapter.info.details["clips"] == "2"
-    assert load_adapter(miva_folder / "videos.safetensors").info.details["clips"] == "2"
-    short = [InputImpl.VideoFromFile(str(input_dir / "short" / "short.mp4"))]
-    with pytest.raises(ValueError, match=r"MIVA Train: the clip short\.mp4 has 3 frames, fewer than frames \(5\)"):
-        MIVATrain.execute(**as_lists(NODE_ARGS, model=model, vae=vae, videos=short, file_name="short.safetensors"))
-    assert not (miva_folder / "short.safetensors").exists()
-
-
 @pytest.mark.parametrize("case, pattern", [
     ("short clip", r"MIVA Train: the clip short\.mp4 has 3 frames, fewer than frames \(5\)"),
     ("unreadable video", r"MIVA Train: the clip broken\.mp4 cannot be read as a video"),
@@ -309,8 +273,6 @@ def test_videos_give_the_folders_clips_and_replace_the_folder(model, vae, input_
     ("frames", r"frames is 6; the Wan VAE takes 4k \+ 1 frames"),
     ("existing output", r"MIVA Train: exists\.safetensors already exists"),
     ("not a video model", r"MIVA Train: model must be a Wan 2.1 T2V model"),
-    ("no clips", r"MIVA Train: no clips\. Pick a folder of clips in clips, or connect videos"),
-    ("a list on a single input", r"MIVA Train: steps got 2 values from a list; it takes one"),
 ])
 def test_bad_inputs_fail_before_training_with_the_reason(model, vae, input_dir, miva_folder, monkeypatch, case,
                                                          pattern):
@@ -334,12 +296,8 @@ def test_bad_inputs_fail_before_training_with_the_reason(model, vae, input_dir, 
         args["file_name"] = "exists.safetensors"
     elif case == "not a video model":
         args["model"] = nodes.UNETLoader().load_unet("hunyuan_video_t2v_720p_bf16.safetensors", "default")[0]
-    elif case == "no clips":
-        del args["clips"]
-    elif case == "a list on a single input":
-        args["steps"] = [2, 3]
     with pytest.raises((ValueError, FileExistsError), match=pattern):
-        MIVATrain.execute(**as_lists(args))
+        MIVATrain.execute(**args)
     assert not started
     assert not (miva_folder / "bad.safetensors").exists()
 

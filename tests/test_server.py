@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from host import REPO, TINY_MODELS, TINY_TRAINING, Server, tiny_training, write_clip
+from host import REPO, TINY_MODELS, TINY_TRAINING, Server, tiny_training
 from server_client import PromptFailed, run_prompt
 from tiny_graph import shrink_api, tinyify_api
 
@@ -86,28 +86,6 @@ def test_training_workflow_trains_an_adapter_into_the_servers_miva_folder_and_sa
         assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and curve.stat().st_size > 1000
     (video,) = outputs[node_of(workflow, "SaveAnimatedWEBP")]["images"]
     assert server.fetch_output(video, tmp_path).stat().st_size > 0
-
-
-def test_training_takes_its_clips_as_videos_from_core_load_video_nodes(server):
-    """MIVA Train's videos input in place of its folder: the list of core Load Video (from Folder) where the host has
-    that node, else one core Load Video."""
-    from motion_dials.models.miva import load_adapter
-
-    workflow = tiny_training(tiny_workflow("miva_train_wan21"), "miva_server_videos_test.safetensors")
-    train = node_of(workflow, "MIVATrain")
-    if "LoadVideoDataSetFromFolder" in server.get_json("/object_info"):
-        workflow["videos"] = {"class_type": "LoadVideoDataSetFromFolder", "inputs": {"folder": TRAINING_CLIPS}}
-        count = 2
-    else:
-        write_clip(server.workdir / "input" / "one_training_clip.mp4", 7, seed=4)
-        workflow["videos"] = {"class_type": "LoadVideo", "inputs": {"file": "one_training_clip.mp4"}}
-        count = 1
-    del workflow[train]["inputs"]["clips"]
-    workflow[train]["inputs"]["videos"] = ["videos", 0]
-    outputs = run_prompt(server, workflow)
-    adapter = load_adapter(server.miva_dir / "miva_server_videos_test.safetensors")
-    assert adapter.info.details["clips"] == str(count)
-    assert outputs[train]["text"][0].startswith("wrote miva_server_videos_test.safetensors")
 
 
 def test_unsupported_model_fails_with_a_message_naming_the_supported_families(server):
