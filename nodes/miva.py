@@ -260,7 +260,7 @@ class MivaEffect(MotionEffect):
                 if self.rows[i].adapter.info.prompt_query_bias == query_bias:
                     part = implicit_prompt(query, weights[i].prompt) * self.rows[i].weight
                     if plan is not None:
-                        part = part * plan.prompt_gates[i].to(part.dtype)[:, None]
+                        part.mul_(plan.prompt_gates[i].to(part.dtype)[:, None])  # part is this loop's own
                     result = part if result is None else result + part
         return result
 
