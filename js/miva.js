@@ -413,7 +413,7 @@ function setUpModelFolders() {
 }
 
 // Nodes whose text after a run (what was loaded, what was found, warnings) is shown on the node itself.
-const INFO_NODES = new Set(["MIVAStack", "MIVALoader", "MIVATrain", "MotionDialsSubjectMask",
+const INFO_NODES = new Set(["MIVAStack", "MIVALoader", "MIVATrain", "MIVAClips", "MotionDialsSubjectMask",
     "MotionDialsGroundingDINOLoader", "MotionDialsSAM2Loader"]);
 
 app.registerExtension({

@@ -8,12 +8,12 @@ from .edg import DareAddDifference, EDGMerge, EDGTimestepSwitch, ModelMergeExtra
 from .image_to_video import NODES as IMAGE_TO_VIDEO_NODES
 from .input_checks import install_prompt_handler
 from .miva import NODES as MIVA_NODES
-from .miva_train import MIVATrain
+from .miva_train import NODES as MIVA_TRAIN_NODES
 from .motion_score import MotionScore
 from .subject_mask import NODES as SUBJECT_MASK_NODES
 
 NODES = (DyMoSMotionSlider, EDGMerge, EDGTimestepSwitch, ModelMergeExtrapolate, DareAddDifference,
-         *MIVA_NODES, MIVATrain, *SUBJECT_MASK_NODES, *IMAGE_TO_VIDEO_NODES,
+         *MIVA_NODES, *MIVA_TRAIN_NODES, *SUBJECT_MASK_NODES, *IMAGE_TO_VIDEO_NODES,
          ReferenceAttentionShare, AttentionInspector, AttentionDistance, MotionScore)
 
 

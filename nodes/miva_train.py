@@ -26,6 +26,7 @@ import signal
 import sys
 import time
 import types
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -78,7 +79,7 @@ import comfy.utils
 import folder_paths
 import torch
 import torch.utils.checkpoint
-from comfy_api.latest import io, ui
+from comfy_api.latest import InputImpl, io, ui
 
 from ..models.miva import Adapter, AdapterInfo, initial_tensors, save_adapter
 from ..models.miva_training import (
@@ -96,11 +97,21 @@ from .miva import FOLDER, MivaStackType, StackRow, apply_stack, describe
 from .patcher_core import UnsupportedModelError, detect_family, held_calls
 
 NODE = "MIVA Train"
+CLIPS_NODE = "MIVA Clips"
 CATEGORY = "Motion Dials/MIVA"
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".flv", ".gif", ".m4v")
 PRECISIONS = ("fp32", "bf16")
 CAPTURE_KEY = "motion_dials_train"
 TEXT_EVERY_S = 1.0
+# MIVA Clips' output. MIVA Train takes VIDEO values only through it: the Nodes 2.0 web UI treats a node with a VIDEO
+# input as a video node and hides its image previews, which would hide MIVA Train's loss curve.
+ClipVideosType = io.Custom("MIVA_CLIPS")
+
+
+@dataclass(frozen=True)
+class ClipVideos:
+    """Training clips as ComfyUI VIDEO values, decoded by MIVA Train at its training size."""
+    videos: tuple
 
 
 # --- checks made before training starts ----------------------------------------------------------------------------
@@ -161,18 +172,21 @@ def clip_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def decode_video(path: Path) -> torch.Tensor:
-    """Every frame of a video file as [N, H, W, 3] floats in [0, 1], by PyAV; a clear error if unreadable."""
+def decode_video(source, name: str, width: int, height: int) -> torch.Tensor:
+    """Every frame of a video (a file's path, or a file object), by PyAV, scaled and centre-cropped to width x height
+    as it is decoded (so a long or large clip never sits in memory at full size), as [N, H, W, 3] floats in [0, 1];
+    a clear error if unreadable."""
     import av
 
     try:
-        with av.open(str(path)) as container:
-            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+        with av.open(str(source) if isinstance(source, Path) else source) as container:
+            frames = [fit(torch.from_numpy(frame.to_ndarray(format="rgb24"))[None].float() / 255.0, width, height)
+                      for frame in container.decode(video=0)]
     except (av.error.FFmpegError, ValueError, IndexError, OSError) as error:
-        raise ValueError(f"{NODE}: the clip {path.name} cannot be read as a video ({error}).") from None
+        raise ValueError(f"{NODE}: the clip {name} cannot be read as a video ({error}).") from None
     if not frames:
-        raise ValueError(f"{NODE}: the clip {path.name} has no video frames.")
-    return torch.from_numpy(__import__("numpy").stack(frames)).float() / 255.0
+        raise ValueError(f"{NODE}: the clip {name} has no video frames.")
+    return torch.cat(frames)
 
 
 def fit(frames: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -181,14 +195,41 @@ def fit(frames: torch.Tensor, width: int, height: int) -> torch.Tensor:
     return resized.movedim(1, -1).clamp(0.0, 1.0)
 
 
+def long_enough(name: str, video: torch.Tensor, frames: int) -> Clip:
+    if video.shape[0] < frames:
+        raise ValueError(f"{NODE}: the clip {name} has {video.shape[0]} frames, fewer than frames ({frames}). Use "
+                         "longer clips or fewer frames (4k + 1).")
+    return Clip(name, video)
+
+
 def read_clips(folder: str | Path, frames: int, width: int, height: int) -> list[Clip]:
+    return [long_enough(path.name, decode_video(path, path.name, width, height), frames)
+            for path in clip_files(folder)]
+
+
+def file_source(video):
+    """The file (a path or a file object) a VIDEO was opened from, or None for one made of frames. Only a file's own
+    stream is decoded: the default stream of other videos is a lossy re-encoding of their frames."""
+    return video.get_stream_source() if isinstance(video, InputImpl.VideoFromFile) else None
+
+
+def video_name(video, index: int) -> str:
+    source = file_source(video)
+    return Path(source).name if isinstance(source, str) else f"video {index + 1}"
+
+
+def video_clips(videos, frames: int, width: int, height: int) -> list[Clip]:
+    """Clips from ComfyUI VIDEO values. A whole video file is decoded as the folder's clips are, frame by frame at
+    the training size; a trimmed one or one made of frames (Create Video) as the host gives its frames."""
     clips = []
-    for path in clip_files(folder):
-        video = decode_video(path)
-        if video.shape[0] < frames:
-            raise ValueError(f"{NODE}: the clip {path.name} has {video.shape[0]} frames, fewer than frames "
-                             f"({frames}). Use longer clips or fewer frames (4k + 1).")
-        clips.append(Clip(path.name, fit(video, width, height)))
+    for index, video in enumerate(videos):
+        name, source = video_name(video, index), file_source(video)
+        trimmed = hasattr(video, "get_active_trim_window") and video.get_active_trim_window() != (0.0, 0.0)
+        if source is not None and not trimmed:
+            images = decode_video(source, name, width, height)
+        else:
+            images = fit(video.get_components().images.float().cpu(), width, height)
+        clips.append(long_enough(name, images, frames))
     return clips
 
 
@@ -415,7 +456,7 @@ class MIVATrain(MotionDialsNode):
                 io.Combo.Input("clips", options=folder_paths.get_input_subfolders(),
                                tooltip="A folder in ComfyUI's input directory with the training clips (video files: "
                                "mp4, webm, mov, mkv, ...), about ten of one motion. Each must have at least "
-                               "'frames' frames."),
+                               "'frames' frames. Not read when clip_videos is connected."),
                 io.String.Input("motion", default="", tooltip="What the adapter animates, e.g. 'horse running' "
                                 "(saved in the file; MIVA Loader shows it)."),
                 io.String.Input("subject", default="", tooltip="The word that finds the moving subject in an image "
@@ -457,6 +498,9 @@ class MIVATrain(MotionDialsNode):
                 io.Boolean.Input("overwrite", default=False,
                                  tooltip="Replace an existing adapter of that name. Off: an existing file (without a "
                                  "training state to resume) stops the node before training."),
+                ClipVideosType.Input("clip_videos", optional=True,
+                                     tooltip="The training clips as videos, from MIVA Clips (e.g. core Load Video "
+                                     "(from Folder) or Load Video into it), in place of the clips folder."),
             ],
             outputs=[MivaStackType.Output(display_name="stack", tooltip="The trained adapter as a stack of one, "
                                           "weight 1, for MIVA Apply."),
@@ -468,7 +512,7 @@ class MIVATrain(MotionDialsNode):
     @classmethod
     def execute(cls, model, vae, clips, motion, subject, frames, width, height, steps, learning_rate, cfa_rank,
                 prompt_rank, seed, gradient_checkpointing, precision, checkpoint_interval, resume, file_name,
-                overwrite) -> io.NodeOutput:
+                overwrite, clip_videos=None) -> io.NodeOutput:
         cls.check_inputs(frames=frames, width=width, height=height, steps=steps, learning_rate=learning_rate,
                          cfa_rank=cfa_rank, prompt_rank=prompt_rank, seed=seed, precision=precision,
                          gradient_checkpointing=gradient_checkpointing, checkpoint_interval=checkpoint_interval,
@@ -477,7 +521,10 @@ class MIVATrain(MotionDialsNode):
         check_vae(vae, width, height)
         check_frame_count(frames)
         target = output_path(file_name.strip() or default_file_name(motion))
-        loaded = read_clips(clips, frames, width, height)
+        if clip_videos is not None and not isinstance(clip_videos, ClipVideos):
+            raise ValueError(f"{NODE}: clip_videos must come from MIVA Clips; it got {type(clip_videos).__name__}.")
+        loaded = video_clips(clip_videos.videos, frames, width, height) if clip_videos is not None \
+            else read_clips(clips, frames, width, height)
         node_id = getattr(cls.hidden, "unique_id", None) if getattr(cls, "hidden", None) is not None else None
         bar = comfy.utils.ProgressBar(steps)
         server = _prompt_server()
@@ -504,7 +551,42 @@ class MIVATrain(MotionDialsNode):
                              ui={"images": preview.as_dict()["images"], "text": (text,)})
 
 
-NODES = (MIVATrain,)
+    @classmethod
+    def input_problems(cls, values: dict) -> list[str]:
+        if "clip_videos" in values:  # connected (a link's value is None here): the folder is not read
+            values = {name: value for name, value in values.items() if name != "clips"}
+        return super().input_problems(values)
+
+
+class MIVAClips(MotionDialsNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MIVAClips",
+            display_name=CLIPS_NODE,
+            category=CATEGORY,
+            description="Training clips for MIVA Train from videos: the list of core Load Video (from Folder), or one "
+            "Load Video. MIVA Train decodes them at its training size, scaled and centre-cropped like its folder's "
+            "clips.",
+            inputs=[io.Video.Input("videos", tooltip="About ten clips of one motion, each at least MIVA Train's "
+                                   "'frames' long: a list of videos (Load Video (from Folder)) or one video.")],
+            # a list of VIDEO reaches a node whole only through a list input
+            is_input_list=True,
+            outputs=[ClipVideosType.Output(display_name="clip_videos", tooltip="For MIVA Train's clip_videos.")],
+        )
+
+    @classmethod
+    def execute(cls, videos) -> io.NodeOutput:
+        for index, video in enumerate(videos):
+            if not callable(getattr(video, "get_components", None)):
+                raise ValueError(f"{CLIPS_NODE}: videos item {index + 1} is a "
+                                 f"{type(video).__name__}, not a VIDEO. Connect a video output such as Load Video's.")
+        names = [video_name(video, index) for index, video in enumerate(videos)]
+        text = f"{len(names)} clip{'s' * (len(names) != 1)}: " + ", ".join(names)
+        return io.NodeOutput(ClipVideos(tuple(videos)), ui={"text": (text,)})
+
+
+NODES = (MIVATrain, MIVAClips)
 
 
 # --- the command ---------------------------------------------------------------------------------------------------

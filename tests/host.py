@@ -126,6 +126,25 @@ def tiny_training(workflow: dict, file_name: str, clips: str | None = None) -> d
     return workflow
 
 
+def clips_as_videos(workflow: dict, server: Server, folder: str) -> list[str]:
+    """An API workflow whose MIVA Train takes its clips from core video loaders through MIVA Clips (node ids
+    "videos" and "clips") rather than its folder, which is set to a name that is none: the list of Load Video (from
+    Folder) on ``folder`` where the host has that node, else one Load Video of a clip written into the input
+    folder. The clip names MIVA Train will see."""
+    if "LoadVideoDataSetFromFolder" in server.get_json("/object_info"):
+        workflow["videos"] = {"class_type": "LoadVideoDataSetFromFolder", "inputs": {"folder": folder}}
+        names = sorted(path.name for path in (server.workdir / "input" / folder).iterdir())
+    else:
+        write_clip(server.workdir / "input" / "one_training_clip.mp4", 7, seed=4)
+        workflow["videos"] = {"class_type": "LoadVideo", "inputs": {"file": "one_training_clip.mp4"}}
+        names = ["one_training_clip.mp4"]
+    workflow["clips"] = {"class_type": "MIVAClips", "inputs": {"videos": ["videos", 0]}}
+    for node in workflow.values():
+        if node["class_type"] == "MIVATrain":
+            node["inputs"].update(clips="not a folder", clip_videos=["clips", 0])
+    return names
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

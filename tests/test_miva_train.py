@@ -1,11 +1,14 @@
 """MIVA Train on the tiny Wan 2.1 T2V and the tiny Wan VAE, with tiny synthetic clips written by PyAV."""
 
+import fractions
 import json
 import os
 import subprocess
 import sys
 
+import av
 import folder_paths
+import numpy as np
 import pytest
 import torch
 from host import COMFYUI_PATH, REPO, write_clip
@@ -24,13 +27,16 @@ from motion_dials.models.miva_training import (
 )
 from motion_dials.nodes.miva import FOLDER, MIVAApply, MIVALoader, StackRow
 from motion_dials.nodes.miva_train import (
+    MIVAClips,
     MIVATrain,
     Trainer,
+    fit,
     model_forward,
     read_clips,
     train,
     training_mode,
     training_model,
+    video_clips,
 )
 from motion_dials.nodes.patcher_core import held_calls
 
@@ -263,6 +269,50 @@ def test_node_saves_an_adapter_the_loader_reads_with_its_metadata(model, vae, in
         assert fact in text, text
     info = load_adapter(miva_folder / "trained.safetensors").info
     assert info.prompt_rank == 4 and info.query_rank == 4 and info.motion == "horse running"
+
+
+def test_clip_videos_give_the_folders_clips_and_replace_the_folder(model, vae, input_dir, miva_folder):
+    """Videos through MIVA Clips (the list core Load Video (from Folder) gives) decode to the folder's clips, and
+    MIVA Train trains on them in place of its folder."""
+    from comfy_api.latest import InputImpl
+    from comfy_api.latest import Types as types
+
+    videos = [InputImpl.VideoFromFile(str(path)) for path in sorted((input_dir / "horse").iterdir())]
+    from_videos, from_folder = video_clips(videos, FRAMES, SIZE, SIZE), read_clips("horse", FRAMES, SIZE, SIZE)
+    assert [c.name for c in from_videos] == [c.name for c in from_folder] == ["clip0.mp4", "clip1.mp4"]
+    for a, b in zip(from_videos, from_folder, strict=True):
+        assert a.frames.shape == b.frames.shape == (FRAMES + 2, SIZE, SIZE, 3)
+        assert torch.equal(a.frames, b.frames)
+    # decoded frame by frame at the training size: the same as the whole clip decoded, then scaled
+    with av.open(str(input_dir / "horse" / "clip0.mp4")) as container:
+        full = torch.from_numpy(np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]))
+    assert torch.equal(read_clips("horse", FRAMES, SIZE // 2, SIZE // 4)[0].frames,
+                       fit(full.float() / 255.0, SIZE // 2, SIZE // 4))
+    # a video made of frames (Create Video) is taken as the host gives its frames, at the training size
+    made = InputImpl.VideoFromComponents(types.VideoComponents(images=from_folder[0].frames.flip(2),
+                                                                frame_rate=fractions.Fraction(8)))
+    (clip,) = video_clips([made], FRAMES, SIZE // 2, SIZE // 2)
+    assert clip.name == "video 1" and clip.frames.shape == (FRAMES + 2, SIZE // 2, SIZE // 2, 3)
+    torch.testing.assert_close(clip.frames, torch.nn.functional.avg_pool2d(
+        from_folder[0].frames.flip(2).movedim(-1, 1), 2).movedim(1, -1), rtol=0, atol=0.02)
+
+    (clip_videos,) = (out := MIVAClips.execute(videos=videos)).result
+    assert out.ui["text"] == ("2 clips: clip0.mp4, clip1.mp4",)
+    # the folder named in clips holds a too-short clip: connected videos replace it
+    (row,), _ = MIVATrain.execute(**{**NODE_ARGS, "model": model, "vae": vae, "clips": "short",
+                                     "clip_videos": clip_videos, "file_name": "videos.safetensors"}).result
+    assert row.adapter.info.details["clips"] == "2"
+    assert load_adapter(miva_folder / "videos.safetensors").info.details["clip_names"] == "clip0.mp4,clip1.mp4"
+    assert MIVATrain.validate_inputs(**{**NODE_ARGS, "clips": "no such folder", "clip_videos": None}) is True
+    assert "clips 'no such folder' is not one of its choices" in MIVATrain.validate_inputs(
+        **{**NODE_ARGS, "clips": "no such folder"})
+    (short,) = MIVAClips.execute(videos=[InputImpl.VideoFromFile(str(input_dir / "short" / "short.mp4"))]).result
+    with pytest.raises(ValueError, match=r"MIVA Train: the clip short\.mp4 has 3 frames, fewer than frames \(5\)"):
+        MIVATrain.execute(**{**NODE_ARGS, "model": model, "vae": vae, "clip_videos": short,
+                             "file_name": "short.safetensors"})
+    assert not (miva_folder / "short.safetensors").exists()
+    with pytest.raises(ValueError, match=r"MIVA Clips: videos item 1 is a Tensor, not a VIDEO"):
+        MIVAClips.execute(videos=[torch.zeros(1, 8, 8, 3)])
 
 
 @pytest.mark.parametrize("case, pattern", [

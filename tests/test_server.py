@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from host import REPO, TINY_MODELS, TINY_TRAINING, Server, tiny_training
+from host import REPO, TINY_MODELS, TINY_TRAINING, Server, clips_as_videos, tiny_training
 from server_client import PromptFailed, run_prompt
 from tiny_graph import shrink_api, tinyify_api
 
@@ -88,6 +88,20 @@ def test_training_workflow_trains_an_adapter_into_the_servers_miva_folder_and_sa
     assert server.fetch_output(video, tmp_path).stat().st_size > 0
 
 
+def test_training_takes_its_clips_as_videos_from_core_load_video_nodes_through_miva_clips(server):
+    """Core video loaders into MIVA Clips into MIVA Train's clip_videos, in place of its folder (whose value is then
+    not checked)."""
+    from motion_dials.models.miva import load_adapter
+
+    workflow = tiny_training(tiny_workflow("miva_train_wan21"), "miva_server_videos_test.safetensors")
+    names = clips_as_videos(workflow, server, TRAINING_CLIPS)
+    outputs = run_prompt(server, workflow)
+    adapter = load_adapter(server.miva_dir / "miva_server_videos_test.safetensors")
+    assert adapter.info.details["clip_names"] == ",".join(names)
+    assert outputs["clips"]["text"] == [f"{len(names)} clip{'s' * (len(names) > 1)}: " + ", ".join(names)]
+    assert outputs[node_of(workflow, "MIVATrain")]["text"][0].startswith("wrote miva_server_videos_test.safetensors")
+
+
 def test_unsupported_model_fails_with_a_message_naming_the_supported_families(server):
     workflow = tiny_workflow("dymos_wan21_i2v")
     workflow[node_of(workflow, "UNETLoader")]["inputs"]["unet_name"] = "hunyuan_video_t2v_720p_bf16.safetensors"
@@ -97,7 +111,7 @@ def test_unsupported_model_fails_with_a_message_naming_the_supported_families(se
 
 PACK_NODES = ("DyMoSMotionSlider", "EDGMerge", "EDGTimestepSwitch", "MotionDialsModelMergeExtrapolate",
               "MotionDialsDareAddDifference", "MotionDialsReferenceAttentionShare", "MIVALoader", "MIVAStack",
-              "MIVAApply", "MIVAConvert", "MIVATrain", "MIVAImageToVideoLatent", "MIVANoise", "MIVAAdaIN",
+              "MIVAApply", "MIVAConvert", "MIVATrain", "MIVAClips", "MIVAImageToVideoLatent", "MIVANoise", "MIVAAdaIN",
               "MotionDialsGroundingDINOLoader", "MotionDialsSAM2Loader", "MotionDialsSubjectMask",
               "MotionDialsMotionScore", "MotionDialsAttentionInspector", "MotionDialsAttentionDistance")
 

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from host import REPO, Server, tiny_training
+from host import REPO, Server, clips_as_videos, tiny_training
 from playwright.sync_api import sync_playwright
 from tiny_graph import shrink_api, tinyify_api
 from tiny_segmenters import GROUNDING_DINO_FILE, SAM2_PT_FILE
@@ -675,12 +675,15 @@ def images_shown(page, items: list[dict]) -> bool:
     }""", [item["filename"] for item in items])
 
 
-def test_training_workflow_queued_from_the_web_ui_trains_and_shows_the_loss_curve(page, server, renderer):
-    """The shipped training workflow (MIVA Train on the tiny Wan, a few steps on tiny clips) queued from the web UI:
-    the adapter is written into the server's own miva folder and the loss curve is shown."""
-    file_name = f"miva_web_ui_train_{renderer}.safetensors"
+@pytest.mark.parametrize("clips", ["folder", "videos"])
+def test_training_workflow_queued_from_the_web_ui_trains_and_shows_the_loss_curve(page, server, renderer, clips):
+    """The shipped training workflow (MIVA Train on the tiny Wan, a few steps on tiny clips) queued from the web UI,
+    its clips from its folder or from core video loaders through MIVA Clips: the adapter is written into the server's
+    own miva folder and the loss curve is shown (a node with a VIDEO input would lose its previews in Nodes 2.0)."""
+    file_name = f"miva_web_ui_train_{renderer}_{clips}.safetensors"
     tiny = tiny_training(shrink_api(tinyify_api(json.loads((WORKFLOWS / "miva_train_wan21.api.json").read_text()))),
                          file_name)
+    names = clips_as_videos(tiny, server, TRAINING_CLIPS) if clips == "videos" else None
     load_graph(page, api_to_ui(tiny, server.get_json("/object_info")))
     assert unknown_node_types(page) == []
     assert not load_problem_shown(page)
@@ -694,6 +697,9 @@ def test_training_workflow_queued_from_the_web_ui_trains_and_shows_the_loss_curv
     while not node_text(page, "MIVATrain", "miva_info") and time.monotonic() < deadline:
         page.wait_for_timeout(250)
     assert node_text(page, "MIVATrain", "miva_info").startswith(f"wrote {file_name}")  # shown on the node
+    if names:
+        assert node_text(page, "MIVAClips", "miva_info") == f"{len(names)} clip{'s' * (len(names) > 1)}: " \
+            + ", ".join(names)
     assert (server.miva_dir / file_name).is_file()
     from motion_dials.models.miva import load_adapter
 
