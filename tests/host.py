@@ -126,23 +126,24 @@ def tiny_training(workflow: dict, file_name: str, clips: str | None = None) -> d
     return workflow
 
 
-def clips_as_videos(workflow: dict, server: Server, folder: str) -> list[str]:
-    """An API workflow whose MIVA Train takes its clips from core video loaders through MIVA Clips (node ids
-    "videos" and "clips") rather than its folder, which is set to a name that is none: the list of Load Video (from
-    Folder) on ``folder`` where the host has that node, else one Load Video of a clip written into the input
-    folder. The clip names MIVA Train will see."""
+def clips_as_videos(workflow: dict, server: Server, folder: str) -> tuple[list[str], str]:
+    """An API workflow whose MIVA Train takes its clips from core video loaders through MIVA Clips (two nodes added
+    under the next free numeric ids) rather than its folder, which is set to a name that is none: the list of Load
+    Video (from Folder) on ``folder`` where the host has that node, else one Load Video of a clip written into the
+    input folder. The clip names MIVA Train will see, and MIVA Clips' node id."""
+    loader, clips = (str(max(int(node_id) for node_id in workflow) + offset) for offset in (1, 2))
     if "LoadVideoDataSetFromFolder" in server.get_json("/object_info"):
-        workflow["videos"] = {"class_type": "LoadVideoDataSetFromFolder", "inputs": {"folder": folder}}
+        workflow[loader] = {"class_type": "LoadVideoDataSetFromFolder", "inputs": {"folder": folder}}
         names = sorted(path.name for path in (server.workdir / "input" / folder).iterdir())
     else:
         write_clip(server.workdir / "input" / "one_training_clip.mp4", 7, seed=4)
-        workflow["videos"] = {"class_type": "LoadVideo", "inputs": {"file": "one_training_clip.mp4"}}
+        workflow[loader] = {"class_type": "LoadVideo", "inputs": {"file": "one_training_clip.mp4"}}
         names = ["one_training_clip.mp4"]
-    workflow["clips"] = {"class_type": "MIVAClips", "inputs": {"videos": ["videos", 0]}}
+    workflow[clips] = {"class_type": "MIVAClips", "inputs": {"videos": [loader, 0]}}
     for node in workflow.values():
         if node["class_type"] == "MIVATrain":
-            node["inputs"].update(clips="not a folder", clip_videos=["clips", 0])
-    return names
+            node["inputs"].update(clips="not a folder", clip_videos=[clips, 0])
+    return names, clips
 
 
 def free_port() -> int:

@@ -94,11 +94,11 @@ def test_training_takes_its_clips_as_videos_from_core_load_video_nodes_through_m
     from motion_dials.models.miva import load_adapter
 
     workflow = tiny_training(tiny_workflow("miva_train_wan21"), "miva_server_videos_test.safetensors")
-    names = clips_as_videos(workflow, server, TRAINING_CLIPS)
+    names, clips = clips_as_videos(workflow, server, TRAINING_CLIPS)
     outputs = run_prompt(server, workflow)
     adapter = load_adapter(server.miva_dir / "miva_server_videos_test.safetensors")
     assert adapter.info.details["clip_names"] == ",".join(names)
-    assert outputs["clips"]["text"] == [f"{len(names)} clip{'s' * (len(names) > 1)}: " + ", ".join(names)]
+    assert outputs[clips]["text"] == [f"{len(names)} clip{'s' * (len(names) > 1)}: " + ", ".join(names)]
     assert outputs[node_of(workflow, "MIVATrain")]["text"][0].startswith("wrote miva_server_videos_test.safetensors")
 
 

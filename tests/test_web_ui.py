@@ -683,7 +683,7 @@ def test_training_workflow_queued_from_the_web_ui_trains_and_shows_the_loss_curv
     file_name = f"miva_web_ui_train_{renderer}_{clips}.safetensors"
     tiny = tiny_training(shrink_api(tinyify_api(json.loads((WORKFLOWS / "miva_train_wan21.api.json").read_text()))),
                          file_name)
-    names = clips_as_videos(tiny, server, TRAINING_CLIPS) if clips == "videos" else None
+    names = clips_as_videos(tiny, server, TRAINING_CLIPS)[0] if clips == "videos" else None
     load_graph(page, api_to_ui(tiny, server.get_json("/object_info")))
     assert unknown_node_types(page) == []
     assert not load_problem_shown(page)
