@@ -213,8 +213,8 @@ def file_source(video):
     return video.get_stream_source() if isinstance(video, InputImpl.VideoFromFile) else None
 
 
-def video_name(video, index: int) -> str:
-    source = file_source(video)
+def video_name(source, index: int) -> str:
+    """A VIDEO's name in messages and metadata: its file's name, else its place in the list."""
     return Path(source).name if isinstance(source, str) else f"video {index + 1}"
 
 
@@ -223,7 +223,8 @@ def video_clips(videos, frames: int, width: int, height: int) -> list[Clip]:
     the training size; a trimmed one or one made of frames (Create Video) as the host gives its frames."""
     clips = []
     for index, video in enumerate(videos):
-        name, source = video_name(video, index), file_source(video)
+        source = file_source(video)
+        name = video_name(source, index)
         trimmed = hasattr(video, "get_active_trim_window") and video.get_active_trim_window() != (0.0, 0.0)
         if source is not None and not trimmed:
             images = decode_video(source, name, width, height)
@@ -581,7 +582,7 @@ class MIVAClips(MotionDialsNode):
             if not callable(getattr(video, "get_components", None)):
                 raise ValueError(f"{CLIPS_NODE}: videos item {index + 1} is a "
                                  f"{type(video).__name__}, not a VIDEO. Connect a video output such as Load Video's.")
-        names = [video_name(video, index) for index, video in enumerate(videos)]
+        names = [video_name(file_source(video), index) for index, video in enumerate(videos)]
         text = f"{len(names)} clip{'s' * (len(names) != 1)}: " + ", ".join(names)
         return io.NodeOutput(ClipVideos(tuple(videos)), ui={"text": (text,)})
 
